@@ -1,0 +1,3 @@
+from elastiserve.cli.main import main
+
+main()
