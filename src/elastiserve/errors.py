@@ -78,7 +78,7 @@ HTTP_STATUS: dict[str, int] = {
     "invalid_arg": 400,
     "unavailable": 503,
     "unsupported": 501,
-    "already_exists": 409,
+    "already_exists": 400,
     "unknown": 400,
     "payload_too_large": 413,
     "cancelled": 499,

@@ -69,7 +69,7 @@ class DataPlane:
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
         """``{"name", "versions", "platform", "inputs": [{"name","datatype","shape"}], "outputs"}``."""
-        return self.registry.get(name, version).metadata()
+        return self.registry.metadata(name, version)
 
     def model_config(self, name: str, version: str = "") -> ModelConfig:
         return self.registry.get(name, version).config
