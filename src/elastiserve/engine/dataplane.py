@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from elastiserve import SERVER_NAME, TRITON_COMPAT_VERSION
+from elastiserve.errors import Unavailable
 from elastiserve.types import InferRequest, InferResponse
 
 if TYPE_CHECKING:
@@ -95,7 +96,14 @@ class DataPlane:
     ) -> None:
         """Load or reload ``name`` (explicit mode). ``config`` is JSON of a ModelConfig that overrides
         config.pbtxt; ``files`` maps ``file:<version>/<name>`` to contents (Triton's override)."""
+        self._require_explicit_mode()
         await self.registry.load(name, config_json=config, files=files)
 
     async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
+        self._require_explicit_mode()
         await self.registry.unload(name, unload_dependents=unload_dependents)
+
+    def _require_explicit_mode(self) -> None:
+        if self.registry.control_mode != "explicit":
+            # Triton's message, even in mode "none".
+            raise Unavailable("explicit model load / unload is not allowed if polling is enabled")

@@ -40,6 +40,19 @@ class TensorSpec:
             self.labels = (model_dir / label_file).read_text().splitlines()
 
 
+_BATCH_NOTE = (
+    " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension to be "
+    "prepended to each input shape. If you want to specify the full shape including the batch dim in "
+    "your input dims config, try setting max_batch_size to zero. See the model configuration docs for "
+    "more info on max_batch_size."
+)
+
+
+def _names(items: list) -> str:
+    """A list printed as Triton prints it: ``['a','b']`` / ``[-1,16]``."""
+    return "[" + ",".join(f"'{i}'" if isinstance(i, str) else str(i) for i in items) + "]"
+
+
 def _shape_matches(expected: tuple[int, ...], actual: list[int]) -> bool:
     if len(expected) != len(actual):
         return False
@@ -92,22 +105,30 @@ class ModelVersion:
         return self.shape_outputs(request, response)
 
     def validate(self, request: InferRequest) -> int:
-        """Check inputs against the config; returns the batch size (1 for non-batching models)."""
+        """Check inputs against the config; returns the batch size (1 for non-batching models).
+
+        Messages are Triton's, including the ``[request id: …]`` prefix."""
+        try:
+            return self._validate(request)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"[request id: {request.id or '<id_unknown>'}] {exc.message}") from None
+
+    def _validate(self, request: InferRequest) -> int:
         name = self.name
         inputs = self.inputs
         given = request.inputs
         if len(given) < len(self.required_inputs) or any(t.name not in inputs for t in given):
+            present = [t.name for t in given]
+            missing = [n for n in self.required_inputs if n not in present]
+            if len(given) < len(self.required_inputs) and missing:
+                raise InvalidArgument(
+                    f"expected {len(self.required_inputs)} inputs but got {len(given)} inputs for model "
+                    f"'{name}'. Got input(s) {_names(present)}, but missing required input(s) "
+                    f"{_names(missing)}. Please provide all required input(s)."
+                )
             for tensor in given:
                 if tensor.name not in inputs:
                     raise InvalidArgument(f"unexpected inference input '{tensor.name}' for model '{name}'")
-            present = {t.name for t in given}
-            missing = [n for n in self.required_inputs if n not in present]
-            if missing:
-                raise InvalidArgument(
-                    f"expected {len(self.required_inputs)} inputs but got {len(given)} inputs for model "
-                    f"'{name}'. Got input(s) {sorted(present)}, but missing required input(s) "
-                    f"{missing}. Please provide all required input(s)."
-                )
         batch_size = 1
         batching = self.max_batch_size > 0
         for index, tensor in enumerate(given):
@@ -139,7 +160,7 @@ class ModelVersion:
                 want = ([-1] if batching else []) + list(spec.dims)
                 raise InvalidArgument(
                     f"unexpected shape for input '{tensor.name}' for model '{name}'. "
-                    f"Expected {want}, got {list(shape)}"
+                    f"Expected {_names(want)}, got {_names(shape)}.{_BATCH_NOTE if batching else ''}"
                 )
             if spec.reshape is not None and tensor.data is not None:
                 new_shape = ([shape[0]] if batching else []) + list(spec.reshape)

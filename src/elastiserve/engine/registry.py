@@ -127,7 +127,7 @@ class ModelRegistry:
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
         if name:
             if name not in self.models or not self.models[name].versions:
-                raise NotFound(f"requested model '{name}' is not available")
+                raise InvalidArgument(f"requested model '{name}' is not available")
             if version:
                 return [self.get(name, version).stats.as_dict()]
             return [m.stats.as_dict() for _, m in sorted(self.models[name].versions.items())]
