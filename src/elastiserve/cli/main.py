@@ -7,6 +7,7 @@ import sys
 import click
 
 from elastiserve import __version__
+from elastiserve.cli.services import register as register_services
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,6 +36,9 @@ def serve(flags: tuple[str, ...]) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     sys.exit(run(options))
+
+
+register_services(cli)
 
 
 def main() -> None:
