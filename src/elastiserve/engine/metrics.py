@@ -8,6 +8,7 @@ process collector plus Triton's ``nv_cpu_*`` gauges.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -152,4 +153,10 @@ class EngineMetrics:
         self.prometheus.register(EngineCollector(registry))  # type: ignore[arg-type]
 
     def render(self) -> bytes:
-        return generate_latest(self.prometheus)
+        text = generate_latest(self.prometheus)
+        # Custom metrics of Python models (pb_utils.MetricFamily), only once that backend is in use:
+        # importing it here would load it into every engine.
+        python_backend = sys.modules.get("elastiserve.engine.backends.python")
+        if python_backend is not None:
+            text += python_backend.custom_metrics_text().encode()
+        return text

@@ -351,7 +351,11 @@ class ModelRegistry:
         param = config.parameters.get("execution_placement")
         if param is not None and param.string_value in ("auto", "inline", "thread"):
             placement = param.string_value
-        if backend.parallelism == "process" or any(getattr(i, "out_of_process", False) for i in instances):
+        # Instances waiting on another process, or calling back into the loop (Python BLS, async
+        # execute), must never run inline on the event loop.
+        if backend.parallelism == "process" or any(
+            getattr(i, "out_of_process", False) or getattr(i, "requires_thread", False) for i in instances
+        ):
             placement = "thread"
         model = ModelVersion(name, version, config, location.path, None)
         model.scheduler = Scheduler(config, instances, model.stats, placement)
