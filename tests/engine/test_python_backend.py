@@ -600,3 +600,37 @@ def test_custom_metrics_as_a_prometheus_collector() -> None:
     assert 'test_pb_collected_bucket{le="1",m="x"} 1.0' in text  # Triton writes le="1"
     assert 'test_pb_collected_count{m="x"} 1.0' in text
     assert "test_pb_collected_gauge 2.0" in text
+
+
+INPLACE_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            data *= 2  # Triton gives models writable arrays; unmodified models rely on it
+            out = pb_utils.get_input_tensor_by_name(request, "INPUT1").as_numpy()
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("OUTPUT0", data), pb_utils.Tensor("OUTPUT1", out)]))
+        return responses
+"""
+
+
+def test_inputs_over_read_only_buffers_are_writable_for_models(tmp_path: Path) -> None:
+    model_dir, config = write_model(tmp_path, "inplace", INPLACE_MODEL)
+    instance = BACKEND.create_instance(make_context(model_dir, config))
+    try:
+        body = np.arange(16, dtype=np.float32).tobytes()  # immutable, like an HTTP request body
+        request = add_sub_request("inplace", 0, 0, "r")
+        request.inputs[0].data = np.frombuffer(body, np.float32).reshape(1, 16)
+        (result,) = instance.execute([request])
+        assert isinstance(result, InferResponse)
+        out = result.output("OUTPUT0")
+        assert out is not None and out.data is not None
+        np.testing.assert_array_equal(out.data, np.arange(16, dtype=np.float32).reshape(1, 16) * 2)
+        assert np.frombuffer(body, np.float32)[1] == 1.0  # the request body itself is untouched
+    finally:
+        instance.close()

@@ -128,7 +128,7 @@ def to_pb_request(req: InferRequest, default_outputs: list[str]) -> Any:
     for tensor in req.inputs:
         if tensor.data is None:
             raise InvalidArgument(f"input '{tensor.name}' has no data")
-        inputs.append(pb.Tensor(tensor.name, tensor.data))
+        inputs.append(pb.Tensor._request_input(tensor.name, tensor.data))
     return pb.InferenceRequest(
         request_id=req.id,
         correlation_id=correlation_id,

@@ -221,7 +221,7 @@ class _DLPackCapsule:
 class Tensor:
     """A named tensor backed by a numpy array (host memory only on this backend)."""
 
-    __slots__ = ("_array", "_name", "_triton_dtype")
+    __slots__ = ("_array", "_name", "_private", "_triton_dtype")
 
     def __init__(self, name: str, numpy_array: Any, triton_dtype: int | None = None) -> None:
         array = numpy_array if isinstance(numpy_array, np.ndarray) else np.asarray(numpy_array)
@@ -240,11 +240,24 @@ class Tensor:
         self._name = name
         self._array = array
         self._triton_dtype = triton_dtype
+        self._private = True
+
+    @classmethod
+    def _request_input(cls, name: str, array: np.ndarray) -> Tensor:
+        """An input handed to ``execute``: it may be a read-only view over the request body."""
+        tensor = cls(name, array)
+        tensor._private = array.flags.writeable
+        return tensor
 
     def name(self) -> str:
         return self._name
 
     def as_numpy(self) -> np.ndarray:
+        if not self._private:
+            # Triton gives models writable inputs; ours may view an immutable request body, so a
+            # model gets a private copy (made once, on first access) to write into.
+            self._array = self._array.copy()
+            self._private = True
         return self._array
 
     def shape(self) -> list[int]:
