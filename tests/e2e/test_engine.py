@@ -261,3 +261,37 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path, example_repo: Path) -> No
     with running_engine(tmp_path) as server:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=30) == 0
+
+
+SLOW_MODEL = """
+import time
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(1.5)
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy())]) for r in requests]
+"""
+
+
+def test_not_ready_until_initial_models_loaded(tmp_path: Path) -> None:
+    model = tmp_path / "slow"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(SLOW_MODEL)
+    (model / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 4\n'
+        'input [ { name: "IN" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+    )
+    with running_engine(tmp_path) as server:  # returns as soon as the server is live
+        ready = httpx.get(f"http://{server.http_url}/v2/health/ready")
+        assert ready.status_code == 400, "ready before the initial models were loaded"
+        deadline = time.monotonic() + 30
+        while httpx.get(f"http://{server.http_url}/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        assert httpclient.InferenceServerClient(server.http_url).is_model_ready("slow")

@@ -83,6 +83,8 @@ class ModelRegistry:
         self.server: Any = None  # the DataPlane, handed to backends for BLS
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's loop, for backends calling back
         self._locks: dict[str, asyncio.Lock] = {}
+        # False until the initial models were attempted: the server is not ready before that.
+        self.initialized = False
 
     # -- queries (hot path: plain dict lookups) --------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -116,6 +118,8 @@ class ModelRegistry:
         return version.isdigit() and int(version) in entry.versions
 
     def all_ready(self) -> bool:
+        if not self.initialized:
+            return False
         if not self.strict_readiness:
             return True
         return all(
@@ -179,6 +183,7 @@ class ModelRegistry:
                 await self.load(name)
             except ElastiserveError as exc:
                 failures.append(str(exc))
+        self.initialized = True
         return failures
 
     def _lock(self, name: str) -> asyncio.Lock:
