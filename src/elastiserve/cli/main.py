@@ -8,6 +8,7 @@ import click
 
 from elastiserve import __version__
 from elastiserve.cli.services import register as register_services
+from elastiserve.cli.up import up
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,6 +40,7 @@ def serve(flags: tuple[str, ...]) -> None:
 
 
 register_services(cli)
+cli.add_command(up)
 
 
 def main() -> None:

@@ -129,7 +129,19 @@ def client_command(func: F) -> F:
 
 
 def read_spec_file(path: str, name: str | None = None) -> dict[str, Any]:
-    """A spec file (or ``-`` for stdin) validated locally, so a typo is reported before any request."""
+    """A spec file (or ``-`` for stdin) validated locally, so a typo is reported before any request.
+
+    Relative local paths in it (``model_path``, ``--model-repository=``) are made absolute against
+    the file's directory (stdin: the current directory), so they mean what they say wherever the
+    control plane runs.
+    """
+    from elastiserve.controlplane.spec import with_absolute_paths
+
+    base = Path.cwd() if path == "-" else Path(path).resolve().parent
+    return with_absolute_paths(_read_spec_file(path, name), base)
+
+
+def _read_spec_file(path: str, name: str | None = None) -> dict[str, Any]:
     from elastiserve.controlplane.spec import parse_spec, parse_spec_text
 
     try:
@@ -234,7 +246,9 @@ def modify(
     if spec_file:
         view = ctx.client.update_service(name, read_spec_file(spec_file, name))
     else:
-        view = ctx.client.modify_service(name, assignments)
+        from elastiserve.controlplane.spec import absolute_assignments
+
+        view = ctx.client.modify_service(name, absolute_assignments(assignments, Path.cwd()))
     verb = {"unchanged": "unchanged", "scaled": "scaled", "released": "updated"}.get(
         view.get("change", ""), "modified"
     )

@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
@@ -227,6 +229,40 @@ class Prepare(_Model):
     pythonRequirements: list[str] = Field(default_factory=list)
 
 
+class HttpGet(_Model):
+    path: str = Field("/", description="HTTP path; a status in 200-399 means ready")
+    port: int | None = Field(None, ge=1, le=65535, description="default: the container's port")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise PydanticCustomError("http_path", "must start with '/'")
+        return path
+
+
+class TcpSocket(_Model):
+    port: int | None = Field(None, ge=1, le=65535, description="default: the container's port")
+
+
+class ReadinessCheck(_Model):
+    """EAS ``containers[].readiness_check``: how a custom process shows it is ready (default: a
+    TCP connection to its port succeeds)."""
+
+    http_get: HttpGet | None = None
+    tcp_socket: TcpSocket | None = None
+    initial_delay_seconds: float = Field(0, ge=0)
+    period_seconds: float = Field(1, gt=0)
+    timeout_seconds: float = Field(1, gt=0)
+    failure_threshold: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_method(self) -> ReadinessCheck:
+        if self.http_get is not None and self.tcp_socket is not None:
+            raise PydanticCustomError("readiness_check", "give one of http_get or tcp_socket, not both")
+        return self
+
+
 class Container(_Model):
     """A custom service process: ``command`` (a shell command) or ``script`` (a script's text)."""
 
@@ -236,6 +272,7 @@ class Container(_Model):
     port: int | None = Field(None, ge=1, le=65535, description="port the process listens on")
     env: list[EnvVar] = Field(default_factory=list)
     prepare: Prepare | None = None
+    readiness_check: ReadinessCheck | None = None
 
     @model_validator(mode="after")
     def _one_entrypoint(self) -> Container:
@@ -610,6 +647,70 @@ def _assign(data: Any, path: list[str | int], value: Any, text: str) -> None:
                 node = node[key]
         else:
             raise SpecError([f"-D{text}: {format_loc(path[:i])} is not an object"])
+
+
+_REPOSITORY_FLAGS = ("--model-repository", "--model-store")
+
+
+def with_absolute_paths(data: Mapping[str, Any], base: str | os.PathLike[str]) -> dict[str, Any]:
+    """The spec dict with relative local paths made absolute against ``base``.
+
+    The CLI calls this with the spec file's directory, so ``"--model-repository=models"`` in
+    ``examples/service.json`` means ``examples/models`` wherever the command runs and wherever the
+    control plane runs. Paths with a scheme (``oss://``, ``s3://``, ``file://``), absolute paths and
+    ``~`` paths are left alone.
+    """
+    root = Path(base).resolve()
+
+    def fix(value: Any) -> Any:
+        if not isinstance(value, str) or not value or _SCHEME_RE.match(value):
+            return value
+        if value.startswith("~") or Path(value).is_absolute():
+            return value
+        return str(root / value)
+
+    out = copy.deepcopy(dict(data))
+    for key in ("model_path", "warm_up_data_path"):
+        if key in out:
+            out[key] = fix(out[key])
+    params = out.get("processor_params")
+    if isinstance(params, list):
+        fixed: list[Any] = []
+        take_next = False
+        for item in params:
+            if take_next:
+                fixed.append(fix(item))
+                take_next = False
+                continue
+            if isinstance(item, str) and "=" in item and item.split("=", 1)[0] in _REPOSITORY_FLAGS:
+                flag, value = item.split("=", 1)
+                fixed.append(f"{flag}={fix(value)}")
+            else:
+                take_next = isinstance(item, str) and item in _REPOSITORY_FLAGS
+                fixed.append(item)
+        out["processor_params"] = fixed
+    return out
+
+
+def absolute_assignments(assignments: Iterable[str], base: str | os.PathLike[str]) -> list[str]:
+    """``-Dkey=value`` texts with local paths in ``model_path``, ``warm_up_data_path`` and
+    ``processor_params`` made absolute against ``base`` (the CLI passes its working directory,
+    as a shell user expects of a relative path typed on the command line)."""
+    out: list[str] = []
+    for text in assignments:
+        path, value = parse_assignment(text)
+        head = path[0] if path else None
+        if head in ("model_path", "warm_up_data_path", "processor_params"):
+            if len(path) == 1:
+                fixed = with_absolute_paths({head: value}, base)[head]
+            elif head == "processor_params" and len(path) == 2:
+                fixed = with_absolute_paths({head: [value]}, base)[head][0]
+            else:
+                fixed = value
+            if fixed != value:
+                text = f"{text.split('=', 1)[0]}={json.dumps(fixed)}"
+        out.append(text)
+    return out
 
 
 def spec_json_schema() -> dict[str, Any]:

@@ -205,6 +205,20 @@ MIGRATIONS: list[tuple[int, Migration]] = [
         CREATE INDEX events_by_service ON events(service, id);
         """,
     ),
+    (
+        2,
+        # A runtime's own durable records (the local runtime's pid, start time, ports), so a
+        # restarted control plane can adopt the processes it left running.
+        """
+        CREATE TABLE runtime_records (
+            runtime TEXT NOT NULL,
+            id TEXT NOT NULL,
+            data TEXT NOT NULL,
+            updated REAL NOT NULL,
+            PRIMARY KEY (runtime, id)
+        );
+        """,
+    ),
 ]
 
 
@@ -223,6 +237,7 @@ class Store:
         self._change_seq = 0
         self._events_since_prune = 0
         self._listeners: list[Callable[[], None]] = []
+        self._batch_depth = 0  # > 0 while the lock holder is inside batch(): writes join it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.row_factory = sqlite3.Row
@@ -257,9 +272,36 @@ class Store:
     # -- plumbing ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make every write inside the block one transaction (one fsync instead of one per write).
+
+        The reconciler applies a service's changes this way. Readers in other threads wait for
+        the block, so keep slow work (starting processes) outside it. Nested batches join the
+        outer one; an exception rolls the whole batch back.
+        """
+        with self._lock:
+            # Only the thread holding the lock can see a non-zero depth: this is a nested batch.
+            if self._batch_depth:
+                self._batch_depth += 1
+                try:
+                    yield
+                finally:
+                    self._batch_depth -= 1
+                return
+        with self._write():  # listeners run after the commit, outside the lock
+            self._batch_depth = 1
+            try:
+                yield
+            finally:
+                self._batch_depth = 0
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; commit on success, then wake change waiters."""
         with self._lock:
+            if self._batch_depth:  # inside batch() in this thread (the lock is ours): join it
+                yield self._conn
+                return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
@@ -368,6 +410,10 @@ class Store:
         if record is None:
             raise NotFound(f"service '{name}' not found")
         return record
+
+    def service_names(self) -> list[str]:
+        """Every service name, without parsing specs (one bad record cannot hide the others)."""
+        return [row["name"] for row in self._query("SELECT name FROM services ORDER BY name")]
 
     def list_services(self) -> list[ServiceRecord]:
         rows = self._query(
@@ -713,3 +759,21 @@ class Store:
             (service, since, limit),
         )
         return [EventRecord(r["id"], r["time"], r["service"], r["kind"], r["message"]) for r in rows]
+
+    # -- runtime records -----------------------------------------------------------------------
+
+    def put_runtime_record(self, runtime: str, record_id: str, data: dict[str, Any]) -> None:
+        """Save a runtime's own record of an instance (pid, start time, ports, ...)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO runtime_records (runtime, id, data, updated) VALUES (?, ?, ?, ?)",
+                (runtime, record_id, json.dumps(data), time.time()),
+            )
+
+    def delete_runtime_record(self, runtime: str, record_id: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM runtime_records WHERE runtime = ? AND id = ?", (runtime, record_id))
+
+    def list_runtime_records(self, runtime: str) -> dict[str, dict[str, Any]]:
+        rows = self._query("SELECT id, data FROM runtime_records WHERE runtime = ? ORDER BY id", (runtime,))
+        return {row["id"]: json.loads(row["data"]) for row in rows}
