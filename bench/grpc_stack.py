@@ -118,6 +118,12 @@ def serve(mode: str, port: int) -> None:
                     return table
 
                 frontend.InferenceServicer.handlers = handlers  # type: ignore[method-assign]
+            extra = os.environ.get("BENCH_GRPC_OPTIONS")  # "key=value;..." channel-argument experiments
+            if extra:
+                base = frontend.server_options
+                pairs = [kv.split("=", 1) for kv in extra.split(";")]
+                options_extra = [(k, int(v) if v.lstrip("-").isdigit() else v) for k, v in pairs]
+                frontend.server_options = lambda size: base(size) + options_extra  # type: ignore[assignment]
             transport = "aio" if mode == "aio" else "core"
             await frontend.start_grpc_server(dataplane, "127.0.0.1", port, transport=transport)
         else:  # bare-aio: what the obvious servicer looks like

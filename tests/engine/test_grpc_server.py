@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import queue
 import socket
 from collections.abc import AsyncIterator
@@ -117,6 +118,18 @@ async def test_close_cancels_calls_after_grace(transport: str) -> None:
             await asyncio.wait_for(call, 5.0)
         assert info.value.status() in ("StatusCode.CANCELLED", "StatusCode.UNAVAILABLE")
     await handle.close(0.1)  # closing twice is harmless
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_server_runs_until_closed_even_if_the_handle_is_dropped(transport: str) -> None:
+    dataplane, _ = make_dataplane()
+    port = (await start_grpc_server(dataplane, "127.0.0.1", 0, transport=transport)).port
+    gc.collect()
+    async with aioclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        assert await client.is_server_live()
+    handle = next(h for h in grpc_frontend._RUNNING if h.port == port)
+    await asyncio.gather(handle.close(0.1), handle.close(0.1))  # concurrent closes are one close
+    assert handle not in grpc_frontend._RUNNING
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -94,7 +94,8 @@ class CoreTransport:
         self._inflight: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._cq_closed = False
-        self._closed = False
+        self._shutdown_complete = False
+        self._closing: asyncio.Task[None] | None = None
         self._new_tag = object()
         self._sent_tag = object()
         self._shutdown_tag = object()
@@ -118,10 +119,11 @@ class CoreTransport:
 
     async def close(self, grace: float | None) -> None:
         """Stop accepting calls, let in-flight ones finish for ``grace`` seconds, then cancel them."""
-        if self._closed:
-            await asyncio.shield(self._thread_done)
-            return
-        self._closed = True
+        if self._closing is None:
+            self._closing = self._loop.create_task(self._close(grace))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, grace: float | None) -> None:
         self._accepting = False
         self._server.shutdown(self._cq, self._shutdown_tag)
         try:
@@ -139,7 +141,8 @@ class CoreTransport:
         self._cq_closed = True
         self._cq.shutdown()
         await asyncio.shield(self._thread_done)
-        self._server.destroy()
+        if self._shutdown_complete:  # else destroy() would wait for a tag nobody polls
+            self._server.destroy()
 
     # -- poller thread ------------------------------------------------------------------------
     def _poll(self) -> None:
@@ -152,12 +155,16 @@ class CoreTransport:
                 if event.completion_type == queue_shutdown:
                     return
                 tag = event.tag
-                if tag is new_tag:
-                    self._on_new_call(event)
-                elif tag.__class__ is tuple:
-                    self._on_message(event, tag)
-                elif tag is shutdown_tag:
-                    self._to_loop(_resolve, self._shutdown_seen)
+                try:
+                    if tag is new_tag:
+                        self._on_new_call(event)
+                    elif tag.__class__ is tuple:
+                        self._on_message(event, tag)
+                    elif tag is shutdown_tag:
+                        self._shutdown_complete = True
+                        self._to_loop(_resolve, self._shutdown_seen)
+                except Exception:  # one bad call must not stop the server
+                    log.exception("gRPC poller: failed to handle a completion event")
         except BaseException:
             log.exception("gRPC poller thread failed")
             self._to_loop(_resolve, self._shutdown_seen)
