@@ -17,6 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--http", default="127.0.0.1:8000")
     parser.add_argument("--grpc", default="127.0.0.1:8001")
+    parser.add_argument("--http-only", action="store_true", help="skip the gRPC request")
     args = parser.parse_args()
 
     a = np.arange(16, dtype=np.float32).reshape(1, 16)
@@ -29,12 +30,13 @@ def main() -> None:
     result = http.infer("add_sub", inputs)
     print("HTTP add_sub OUTPUT0 (a+b):", result.as_numpy("OUTPUT0")[0, :6], "...")
 
-    grpc = grpcclient.InferenceServerClient(args.grpc)
-    inputs = [grpcclient.InferInput("INPUT0", [1, 16], "FP32"), grpcclient.InferInput("INPUT1", [1, 16], "FP32")]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    result = grpc.infer("add_sub", inputs)
-    print("gRPC add_sub OUTPUT1 (a-b):", result.as_numpy("OUTPUT1")[0, :6], "...")
+    if not args.http_only:
+        grpc = grpcclient.InferenceServerClient(args.grpc)
+        inputs = [grpcclient.InferInput("INPUT0", [1, 16], "FP32"), grpcclient.InferInput("INPUT1", [1, 16], "FP32")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+        result = grpc.infer("add_sub", inputs)
+        print("gRPC add_sub OUTPUT1 (a-b):", result.as_numpy("OUTPUT1")[0, :6], "...")
 
     for name in ("simple_onnx", "sklearn_iris", "xgboost_model", "lightgbm_model"):
         meta = http.get_model_metadata(name)

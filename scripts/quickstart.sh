@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Quickstart: install elastiserve into .venv, generate the example models, serve them with the
-# engine on loopback, send requests with NVIDIA's tritonclient, and stop the server.
+# Quickstart: install elastiserve into .venv, generate the example models, start the platform
+# (control plane + gateway) on loopback, deploy examples/service.json (the seed's EAS spec with a
+# local model repository), predict through the gateway with the service token, then stop
+# everything (instances included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -8,16 +10,35 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[all]'
 .venv/bin/python examples/make_models.py
-HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
-.venv/bin/elastiserve serve --model-repository=examples/models \
-  --http-address=127.0.0.1 --http-port="$HTTP_PORT" --grpc-address=127.0.0.1 --grpc-port="$GRPC_PORT" \
-  --metrics-address=127.0.0.1 --metrics-port="$METRICS_PORT" &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
-for _ in $(seq 1 300); do
-  curl -sf "http://127.0.0.1:$HTTP_PORT/v2/health/ready" >/dev/null && break
-  kill -0 $SERVER 2>/dev/null || { echo "server exited" >&2; exit 1; }
+ES=.venv/bin/elastiserve
+STATE="$(mktemp -d -t elastiserve-quickstart.XXXXXX)"
+API_PORT=${API_PORT:-8470} GATEWAY_PORT=${GATEWAY_PORT:-8480}
+export ELASTISERVE_HOME="$STATE" ELASTISERVE_ENDPOINT="http://127.0.0.1:$API_PORT"
+
+"$ES" up --port "$API_PORT" --gateway-port "$GATEWAY_PORT" --stop-instances --log-level warning &
+UP=$!
+trap 'kill $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$STATE"' EXIT
+for _ in $(seq 1 150); do
+  curl -sf "$ELASTISERVE_ENDPOINT/api/v2/services" >/dev/null && break
+  kill -0 $UP 2>/dev/null || { echo "elastiserve up exited" >&2; exit 1; }
   sleep 0.2
 done
-.venv/bin/python examples/client.py --http "127.0.0.1:$HTTP_PORT" --grpc "127.0.0.1:$GRPC_PORT"
-echo "metrics: $(curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -c '^nv_') nv_* samples at http://127.0.0.1:$METRICS_PORT/metrics"
+
+echo "== elastiserve create examples/service.json"
+"$ES" create examples/service.json --wait --timeout 120
+"$ES" w triton_test
+TOKEN="$("$ES" desc triton_test --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["spec"]["token"])')"
+
+echo "== predict through the gateway"
+for _ in $(seq 1 50); do
+  curl -sf -H "Authorization: $TOKEN" "http://127.0.0.1:$GATEWAY_PORT/api/predict/triton_test/v2/health/ready" \
+    >/dev/null && break
+  sleep 0.2
+done
+curl -sS --fail-with-body -H "Authorization: $TOKEN" -H "Content-Type: application/json" \
+  "http://127.0.0.1:$GATEWAY_PORT/api/predict/triton_test/v2/models/add_sub/infer" -d @examples/add_sub_request.json
+echo
+echo "== the same instance with NVIDIA's tritonclient (direct connect to the published endpoint)"
+ENDPOINT="$(curl -s "$ELASTISERVE_ENDPOINT/api/v2/services/triton_test/endpoints" \
+  | .venv/bin/python -c 'import json,sys; e=json.load(sys.stdin)["endpoints"][0]; print(e["ip"] + ":" + str(e["port"]))')"
+.venv/bin/python examples/client.py --http "$ENDPOINT" --http-only

@@ -585,7 +585,11 @@ def create_app(
                 if remaining <= 0:
                     break
                 # Woken by a write in this process; the 1 s cap re-reads for writers elsewhere.
-                await changes.wait(min(remaining, 1.0))
+                try:
+                    await changes.wait(min(remaining, 1.0))
+                except asyncio.CancelledError:
+                    # The server is shutting down: end the long-poll quietly (the client re-polls).
+                    return Response(status_code=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
                 eps = await run_in_threadpool(endpoints_of, name)
                 tag = endpoints_etag(eps)
         headers = {"ETag": tag, "Cache-Control": "no-cache"}
