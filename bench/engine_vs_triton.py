@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(os.environ.get("ELASTISERVE_ANCHORS", ROOT.parent / "shared" / "anchors"))
 CACHE = Path(os.environ.get("ELASTISERVE_ANCHOR_CACHE", Path.home() / ".cache" / "elastiserve-anchors"))
-CASES = [
+CASES_ALL = [
     ("identity_fp32", "http", "INPUT0", "OUTPUT0"),
     ("identity_fp32", "grpc", "INPUT0", "OUTPUT0"),
     ("add_sub", "http", "INPUT0,INPUT1", "OUTPUT0,OUTPUT1"),
@@ -36,6 +36,7 @@ CASES = [
     ("identity_fp32_dynbatch", "http", "INPUT0", "OUTPUT0"),
     ("identity_fp32_dynbatch", "grpc", "INPUT0", "OUTPUT0"),
 ]
+CASES = [c for c in CASES_ALL if not os.environ.get("BENCH_MODELS") or c[0] in os.environ["BENCH_MODELS"].split(",")]
 
 
 def free_port() -> int:

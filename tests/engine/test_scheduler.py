@@ -45,7 +45,9 @@ class Doubler:
             if data.size and data.flat[0] < 0:
                 out.append(InvalidArgument("negative input"))
                 continue
-            out.append(InferResponse(r.model_name, "1", [InferTensor("OUT", "FP32", list(data.shape), data * 2)]))
+            out.append(
+                InferResponse(r.model_name, "1", [InferTensor("OUT", "FP32", list(data.shape), data * 2)])
+            )
         return out
 
     def close(self) -> None:
@@ -190,3 +192,21 @@ async def test_close_fails_queued_requests() -> None:
     await model.scheduler.close()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert any(isinstance(r, Unavailable) for r in results)
+
+
+async def test_lone_request_is_dispatched_when_the_loop_goes_idle() -> None:
+    model = make(BASE + "dynamic_batching { max_queue_delay_microseconds: 300000 }", Doubler())
+    start = time.perf_counter()
+    await model.infer(request([1.0]))
+    assert time.perf_counter() - start < 0.15, "waited out the whole delay although nothing else was coming"
+
+
+async def test_delay_dispatch_waits_for_a_fuller_batch_as_triton() -> None:
+    text = BASE + (
+        "dynamic_batching { max_queue_delay_microseconds: 200000 }\n"
+        'parameters { key: "batch_dispatch" value { string_value: "delay" } }'
+    )
+    model = make(text, Doubler())
+    start = time.perf_counter()
+    await model.infer(request([1.0]))
+    assert time.perf_counter() - start >= 0.19

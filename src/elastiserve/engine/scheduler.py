@@ -40,6 +40,8 @@ INLINE_THRESHOLD_NS = 300_000
 # Samples taken in a thread before a model may move inline.
 INLINE_MIN_SAMPLES = 16
 _EWMA_WEIGHT = 0.1
+# Event-loop iterations without a new request after which a partial batch is dispatched.
+_IDLE_ITERATIONS = 3
 
 
 class Placement:
@@ -124,6 +126,7 @@ class Scheduler:
         self._wakeup: asyncio.Event | None = None
         self._batcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._arrivals = 0
         if self.batching:
             batching = config.dynamic_batching
             self.max_delay_ns = batching.max_queue_delay_microseconds * 1000
@@ -132,6 +135,10 @@ class Scheduler:
             self.max_queue_size = policy.max_queue_size
             self.default_timeout_ns = policy.default_timeout_microseconds * 1000
             self.allow_timeout_override = policy.allow_timeout_override
+            # "idle" (default): dispatch early once no request is on its way (docs/scheduling.md);
+            # "delay": always wait the full max_queue_delay for a fuller batch, as Triton does.
+            dispatch = config.parameters.get("batch_dispatch")
+            self.dispatch_when_idle = dispatch is None or dispatch.string_value != "delay"
 
     # -- public ---------------------------------------------------------------------------------
     async def infer(self, request: InferRequest, batch_size: int) -> InferResponse:
@@ -225,6 +232,7 @@ class Scheduler:
             with contextlib.suppress(TypeError, ValueError):
                 timeout_ns = int(request.parameters["timeout"]) * 1000
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
+        self._arrivals += 1
         shape_key = tuple((t.name, t.datatype, tuple(t.shape[1:])) for t in request.inputs)
         self._queue.append(
             _Pending(request, future, start, batch_size, shape_key, start + timeout_ns if timeout_ns else 0)
@@ -299,6 +307,8 @@ class Scheduler:
                 if not self._queue:
                     continue
             wait = self._ready_to_dispatch(now)
+            if wait > 0 and self.dispatch_when_idle and await self._loop_went_idle():
+                wait = 0
             if wait > 0:
                 wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -314,6 +324,17 @@ class Scheduler:
                 task = asyncio.create_task(self._run_batch_async(instance, batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
+
+    async def _loop_went_idle(self) -> bool:
+        """True when a few loop iterations (each polls the sockets) brought no new request.
+
+        Then nothing is on its way that could join the batch, and waiting out the rest of
+        ``max_queue_delay_microseconds`` would only add latency: the delay is an upper bound.
+        Under load requests keep arriving during each execution, so batches still fill."""
+        before = self._arrivals
+        for _ in range(_IDLE_ITERATIONS):
+            await asyncio.sleep(0)
+        return self._arrivals == before
 
     def _run_batch(self, instance: ModelInstance, batch: list[_Pending], started: int) -> None:
         try:
