@@ -289,6 +289,27 @@ def test_endpoints_etag_and_304(cp: ControlPlane, anon: httpx.Client) -> None:
     assert anon.get(f"{API}/nope/endpoints").status_code == 404
 
 
+def test_endpoints_publish_the_grpc_port(cp: ControlPlane, anon: httpx.Client) -> None:
+    cp.store.create_service(parse_spec(SEED))
+    add_instance(cp, "triton_test-a", 9001)
+    cp.store.upsert_instance(
+        InstanceRecord(
+            id="triton_test-b",
+            service="triton_test",
+            version=1,
+            address="127.0.0.1",
+            port=9002,
+            status="Running",
+            ready=True,
+            extra={"grpc_port": 9102},  # what the reconciler records from the runtime's ports["grpc"]
+        )
+    )
+    assert anon.get(f"{API}/triton_test/endpoints").json()["endpoints"] == [
+        {"ip": "127.0.0.1", "port": 9001, "weight": 100},
+        {"ip": "127.0.0.1", "port": 9002, "weight": 100, "grpc_port": 9102},
+    ]
+
+
 def test_endpoints_long_poll(cp: ControlPlane, anon: httpx.Client) -> None:
     cp.store.create_service(parse_spec(SEED))
     etag = anon.get(f"{API}/triton_test/endpoints").headers["etag"]

@@ -288,3 +288,19 @@ def test_json_schema_uses_eas_names() -> None:
 def test_error_lines_are_single_lines() -> None:
     errors = errors_of({"name": "Bad/Name", "processor": "nope", "metadata": {"x": 1, "cpu": None}})
     assert all("\n" not in line and not re.search(r"Traceback|pydantic", line) for line in errors)
+
+
+def test_assignments_coerce_label_values_to_strings() -> None:
+    spec = parse_spec(SEED)
+    assert apply_assignments(spec, ["labels.group_weight=50"]).labels == {"group_weight": "50"}
+    assert apply_assignments(spec, ['labels.group_weight="50"']).labels == {"group_weight": "50"}
+    assert apply_assignments(spec, ["labels.canary=true", "labels.share=0.5"]).labels == {
+        "canary": "true",
+        "share": "0.5",
+    }
+    assert apply_assignments(spec, ['labels={"group": "shop", "group_weight": 10}']).labels == {
+        "group": "shop",
+        "group_weight": "10",
+    }
+    with pytest.raises(SpecError, match=r"labels\.x: Input should be a valid string"):
+        apply_assignments(spec, ["labels.x=[1]"])

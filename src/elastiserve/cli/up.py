@@ -35,6 +35,12 @@ DEFAULT_GATEWAY_PORT = 8480
     show_default=True,
     help="gateway port",
 )
+@click.option(
+    "--gateway-grpc-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="gRPC port of the gateway (for services with metadata.enable_grpc) [default: no gRPC]",
+)
 @click.option("--no-gateway", is_flag=True, help="do not start the gateway")
 @click.option(
     "--stop-instances",
@@ -71,6 +77,7 @@ def up(
     host: str,
     port: int,
     gateway_port: int,
+    gateway_grpc_port: int | None,
     no_gateway: bool,
     stop_instances: bool,
     cpus: float | None,
@@ -108,6 +115,7 @@ def up(
         host=host,
         port=port,
         gateway_port=None if no_gateway else gateway_port,
+        gateway_grpc_port=None if no_gateway else gateway_grpc_port,
         stop_instances=stop_instances,
         capacity=capacity,
         drain_delay=drain_delay,

@@ -555,11 +555,13 @@ def create_app(
         record = store.get_service(name)
         if record.desired != "running":
             return []
-        eps = [
-            {"ip": i.address, "port": i.port, "weight": i.weight}
-            for i in store.list_instances(name)
-            if i.ready and i.desired == "running" and i.port
-        ]
+        eps: list[dict[str, Any]] = []
+        for i in store.list_instances(name):
+            if i.ready and i.desired == "running" and i.port:
+                ep: dict[str, Any] = {"ip": i.address, "port": i.port, "weight": i.weight}
+                if i.extra.get("grpc_port"):
+                    ep["grpc_port"] = int(i.extra["grpc_port"])  # the engine's gRPC (gateway's proxy)
+                eps.append(ep)
         return sorted(eps, key=lambda e: (e["ip"], e["port"]))
 
     def endpoints_etag(eps: list[dict[str, Any]]) -> str:

@@ -57,6 +57,7 @@ class PlatformOptions:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     gateway_port: int | None = DEFAULT_GATEWAY_PORT  # None: no gateway
+    gateway_grpc_port: int | None = None  # the gateway's gRPC proxy; None: off
     stop_instances: bool = False
     capacity: Resources | None = None  # None: this machine
     drain_delay: float = 2.0
@@ -127,7 +128,15 @@ class StateDirLock:
 class GatewayProcess:
     """``python -m elastiserve.gateway`` as a child, restarted with backoff if it dies."""
 
-    def __init__(self, control_plane: str, host: str, port: int, token_file: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        control_plane: str,
+        host: str,
+        port: int,
+        token_file: Path,
+        log_path: Path,
+        grpc_port: int | None = None,
+    ) -> None:
         self.command = [
             sys.executable,
             "-m",
@@ -141,6 +150,8 @@ class GatewayProcess:
             "--admin-token-file",
             str(token_file),
         ]
+        if grpc_port is not None:
+            self.command += ["--grpc-port", str(grpc_port)]
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -233,6 +244,8 @@ class Platform:
             check_port_free(options.host, options.port, "control plane")
             if options.gateway_port is not None:
                 check_port_free(options.host, options.gateway_port, "gateway")
+                if options.gateway_grpc_port is not None:
+                    check_port_free(options.host, options.gateway_grpc_port, "gateway gRPC")
             self.store = Store.open(self.state_dir)
             admin_token = load_or_create_admin_token(self.state_dir)
             self.runtime = LocalRuntime(self.store, self.state_dir, capacity=options.capacity)
@@ -258,6 +271,7 @@ class Platform:
                         options.gateway_port,
                         self.state_dir / ADMIN_TOKEN_FILE,
                         self.state_dir / "logs" / "gateway.log",
+                        grpc_port=options.gateway_grpc_port,
                     )
                     self.gateway.start()
                 else:

@@ -338,6 +338,11 @@ class Reconciler:
             return
         row.address = obs.address or row.address
         row.port = obs.port or row.port
+        grpc_port = obs.ports.get("grpc") if obs.ports else None
+        if grpc_port and row.extra.get("grpc_port") != grpc_port:
+            row.extra["grpc_port"] = int(grpc_port)  # published by the endpoints route
+        elif not grpc_port and obs.ports and "grpc_port" in row.extra:
+            row.extra.pop("grpc_port")
         row.pid = obs.pid
         row.started = obs.started if obs.started is not None else row.started
         row.restarts = max(row.restarts, obs.restarts)

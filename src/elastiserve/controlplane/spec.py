@@ -619,8 +619,25 @@ def apply_assignments(spec: ServiceSpec | Mapping[str, Any], assignments: Iterab
     data = spec.to_dict() if isinstance(spec, ServiceSpec) else copy.deepcopy(dict(spec))
     for text in assignments:
         path, value = parse_assignment(text)
+        if path and path[0] == "labels":
+            value = _label_values(path, value)
         _assign(data, path, value, text)
     return parse_spec(data)
+
+
+def _label_text(value: Any) -> Any:
+    # bool before int: True is an int. JSON spelling: 50 -> "50", true -> "true".
+    return json.dumps(value) if isinstance(value, (bool, int, float)) else value
+
+
+def _label_values(path: list[str | int], value: Any) -> Any:
+    """Label values are strings: ``-Dlabels.group_weight=50`` means ``"50"``, as does a number in
+    ``-Dlabels={"group_weight": 50}``. Other values (lists, objects, null) are left to validation."""
+    if len(path) == 2:
+        return _label_text(value)
+    if len(path) == 1 and isinstance(value, dict):
+        return {k: _label_text(v) for k, v in value.items()}
+    return value
 
 
 def _assign(data: Any, path: list[str | int], value: Any, text: str) -> None:
