@@ -9,20 +9,17 @@ same paths, same :class:`~elastiserve.client.Endpoints` result, same
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
 
 from elastiserve.client.controlplane import (
     API,
-    DEFAULT_ENDPOINT,
-    ENV_ENDPOINT,
-    ENV_TOKEN,
     ControlPlaneClient,
     ControlPlaneError,
     Endpoints,
     _path,
+    resolve_endpoint_and_token,
 )
 
 __all__ = ["AsyncControlPlaneClient"]
@@ -39,10 +36,7 @@ class AsyncControlPlaneClient:
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.endpoint = (endpoint or os.environ.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).rstrip("/")
-        if "://" not in self.endpoint:
-            self.endpoint = f"http://{self.endpoint}"
-        self.token = token if token is not None else os.environ.get(ENV_TOKEN)
+        self.endpoint, self.token = resolve_endpoint_and_token(endpoint, token)
         headers = {"Authorization": self.token} if self.token else {}
         self._timeout = timeout
         # One long-poll per service is held open: no cap on connections.

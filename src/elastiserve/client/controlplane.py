@@ -61,6 +61,15 @@ def _spec_body(spec: ServiceSpec | Mapping[str, Any]) -> dict[str, Any]:
     return spec.to_dict() if isinstance(spec, ServiceSpec) else dict(spec)
 
 
+def resolve_endpoint_and_token(endpoint: str | None, token: str | None) -> tuple[str, str | None]:
+    """The control plane URL (``$ELASTISERVE_ENDPOINT`` or the local default; scheme added when
+    missing) and admin token (``$ELASTISERVE_TOKEN``), shared by the sync and async clients."""
+    url = (endpoint or os.environ.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    return url, token if token is not None else os.environ.get(ENV_TOKEN)
+
+
 class ControlPlaneClient:
     """``ControlPlaneClient(endpoint, token)``; endpoint and token default to
     ``$ELASTISERVE_ENDPOINT`` / ``$ELASTISERVE_TOKEN``."""
@@ -73,10 +82,7 @@ class ControlPlaneClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.endpoint = (endpoint or os.environ.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).rstrip("/")
-        if "://" not in self.endpoint:
-            self.endpoint = f"http://{self.endpoint}"
-        self.token = token if token is not None else os.environ.get(ENV_TOKEN)
+        self.endpoint, self.token = resolve_endpoint_and_token(endpoint, token)
         headers = {"Authorization": self.token} if self.token else {}
         self._http = httpx.Client(
             base_url=self.endpoint, headers=headers, timeout=timeout, transport=transport
