@@ -21,7 +21,7 @@ from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from elastiserve.engine.dataplane import DataPlane
 from elastiserve.engine.frontends.grpc import GrpcServerHandle, start_grpc_server
-from elastiserve.errors import InvalidArgument, NotFound
+from elastiserve.errors import InvalidArgument
 from elastiserve.types import (
     InferRequest,
     InferResponse,
@@ -30,6 +30,7 @@ from elastiserve.types import (
     config_type_to_datatype,
     numpy_to_datatype,
 )
+from tests.engine.rest_fake import FakeRegistry as RestFakeRegistry
 
 Fn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -170,31 +171,13 @@ def _classify(name: str, array: np.ndarray, k: int) -> InferTensor:
     return _tensor(name, out.reshape(k) if array.ndim == 1 else out)
 
 
-class FakeRegistry:
-    """Just enough of the model registry for :class:`DataPlane`."""
-
-    control_mode = "explicit"
+class FakeRegistry(RestFakeRegistry):
+    """The REST tests' fake registry with this module's models and fuller statistics."""
 
     def __init__(self) -> None:
-        self.models: dict[str, FakeModel] = {name: FakeModel(name) for name in CONFIGS}
+        self.models: dict[str, FakeModel] = {name: FakeModel(name) for name in CONFIGS}  # type: ignore[assignment]
         self.loads: list[tuple[str, str | None, dict[str, bytes] | None]] = []
         self.unloads: list[tuple[str, bool]] = []
-
-    def all_ready(self) -> bool:
-        return all(m.ready for m in self.models.values())
-
-    def is_ready(self, name: str, version: str = "") -> bool:
-        model = self.models.get(name)
-        return model is not None and model.ready and version in ("", "1")
-
-    def get(self, name: str, version: str = "") -> FakeModel:
-        model = self.models.get(name)
-        if model is None or not model.ready or version not in ("", "1"):
-            raise NotFound(f"Request for unknown model: '{name}' is not found")
-        return model
-
-    def metadata(self, name: str, version: str = "") -> dict[str, Any]:
-        return self.get(name, version).metadata()
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
         models = [self.get(name, version)] if name else list(self.models.values())
@@ -217,29 +200,6 @@ class FakeRegistry:
             }
             for m in models
         ]
-
-    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        return [
-            {"name": m.name, "version": "1", "state": "READY" if m.ready else "UNAVAILABLE", "reason": ""}
-            for m in sorted(self.models.values(), key=lambda m: m.name)
-            if m.ready or not ready_only
-        ]
-
-    async def load(
-        self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
-    ) -> None:
-        self.loads.append((name, config_json, files))
-        model = self.models.get(name)
-        if model is None:
-            raise InvalidArgument(f"failed to load '{name}', failed to poll from model repository")
-        model.ready = True
-
-    async def unload(self, name: str, unload_dependents: bool = False) -> None:
-        self.unloads.append((name, unload_dependents))
-        model = self.models.get(name)
-        if model is None:
-            raise InvalidArgument(f"failed to unload '{name}', no version is available")
-        model.ready = False
 
 
 def make_dataplane() -> tuple[DataPlane, FakeRegistry]:
