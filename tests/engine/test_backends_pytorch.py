@@ -1,8 +1,8 @@
 """The pytorch backend: with real torch when installed, else its mapping logic on a stand-in torch.
 
-torch is an optional extra and is not installed in CI, so the real TorchScript test is skipped
-with its reason shown (``pytest -rs``); the stand-in tests still check input/output ordering,
-dtype handling and the missing-torch error.
+torch is an optional extra; the test extra (and so CI) installs it, and where it is missing the
+real TorchScript test is skipped with its reason shown (``pytest -rs``). The stand-in tests check
+input/output ordering, dtype handling and the missing-torch error without it.
 """
 
 from __future__ import annotations
