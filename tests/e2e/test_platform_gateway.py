@@ -6,21 +6,17 @@ the control plane under load → delete (processes gone, the gateway answers 404
 The load is a thread with httpx sending V2 JSON infer requests to the gateway; every answer that
 is not a 200 with the right numbers is a failure.
 
-The control-plane restart runs its load through a second, standalone gateway process
-(``python -m elastiserve.gateway``): ``up`` stops its own gateway child when it stops, so the
-embedded gateway's port is closed while ``up`` restarts. A gateway that is not ``up``'s child
-must keep serving from what it last knew (docs/gateway.md, *Staying in step*). The embedded
-gateway is checked to answer again after the restart.
+The control-plane restart runs its load through ``up``'s own gateway: ``up`` leaves the gateway
+(like the instances) running when it stops and the next ``up`` adopts it, so the gateway keeps
+serving from what it last knew while the control plane is down (docs/gateway.md, *Staying in
+step*) and the port never closes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +31,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from elastiserve.client.controlplane import ControlPlaneClient, ControlPlaneError
-from elastiserve.testing import RunningPlatform, free_port, running_platform, wait_http_ready
+from elastiserve.testing import RunningPlatform, free_port, running_platform
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "triton_test"
@@ -123,49 +119,6 @@ class GatewayLoad:
                     self.ok += 1
                 else:
                     self.failures.append(f"t={time.monotonic():.2f} {problem}")
-
-
-@contextlib.contextmanager
-def standalone_gateway(platform: RunningPlatform) -> Iterator[str]:
-    """``python -m elastiserve.gateway`` in front of ``platform``'s control plane (not ``up``'s child)."""
-    port = free_port()
-    log_path = platform.state_dir / "standalone-gateway.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "elastiserve.gateway",
-                "--control-plane",
-                platform.endpoint,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--admin-token-file",
-                str(platform.state_dir / "admin_token"),
-                "--refresh-interval",
-                "0.5",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=platform.env,
-        )
-    try:
-        try:
-            wait_http_ready(f"http://127.0.0.1:{port}/readyz", timeout=30, process=process)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}\n{log_path.read_text(errors='replace')}") from exc
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -298,45 +251,36 @@ def test_platform_through_gateway(platform: RunningPlatform) -> None:
     assert back[0]["pid"] != victim["pid"]
     assert "InstanceCrashed" in {e["kind"] for e in cp.events(SERVICE)}
 
-    # restart the control plane under load: zero failed through a gateway that is not up's child
+    # restart the control plane under load: zero failed through up's own gateway, which is left
+    # running by the old `up` and adopted by the new one (the data path never closes)
     wait_until("3 ready before restart", lambda: ready_count(cp) == 3, timeout=30)
     state_before = {(r["id"], r["pid"], r["restarts"], r["version"]) for r in instances(cp)}
     versions_before = cp.list_versions(SERVICE)
     assert len(versions_before) == 2, versions_before  # create + the rolling update (scaling is none)
-    with standalone_gateway(platform) as outside:
-        wait_until("standalone gateway sees 3", lambda: _warm_and_count(outside, token, 3), timeout=30)
-        with GatewayLoad(outside, token) as load:
-            wait_until("load running", lambda: load.ok > 20 or load.failures, platform=platform)
-            started = time.monotonic()
-            platform.stop()
-            assert all(not _gone(pid) for _, pid, _, _ in state_before)  # instances outlive `up`
-            ok_while_down = load.ok
-            wait_until("load while the control plane is down", lambda: load.ok > ok_while_down + 10)
-            platform.start(timeout=60)
-            timings["control plane restart"] = time.monotonic() - started
-            cp = platform.client()
-            wait_until("3 ready after restart", lambda: ready_count(cp) == 3, timeout=30, platform=platform)
-            ok_after = load.ok
-            wait_until("load after restart", lambda: load.ok > ok_after + 20 or load.failures)
-        assert load.failures == [], load.failures[:5]
-    # state intact: same instances (adopted, same pids), same versions and token
+    gateway = platform.gateway_url
+    assert gateway is not None
+    gateway_pid = int((platform.state_dir / "gateway.pid").read_text().split()[0])
+    with GatewayLoad(gateway, token) as load:
+        wait_until("load running", lambda: load.ok > 20 or load.failures, platform=platform)
+        started = time.monotonic()
+        platform.stop()
+        assert all(not _gone(pid) for _, pid, _, _ in state_before)  # instances outlive `up`
+        assert not _gone(gateway_pid)  # so does the gateway
+        ok_while_down = load.ok
+        wait_until("load while the control plane is down", lambda: load.ok > ok_while_down + 10)
+        platform.start(timeout=60)
+        timings["control plane restart"] = time.monotonic() - started
+        cp = platform.client()
+        wait_until("3 ready after restart", lambda: ready_count(cp) == 3, timeout=30, platform=platform)
+        ok_after = load.ok
+        wait_until("load after restart", lambda: load.ok > ok_after + 20 or load.failures)
+    assert load.failures == [], load.failures[:5]
+    # state intact: same instances (adopted, same pids), same versions and token, same gateway
     assert {(r["id"], r["pid"], r["restarts"], r["version"]) for r in instances(cp)} == state_before
     assert cp.list_versions(SERVICE) == versions_before
     assert cp.get_service(SERVICE)["spec"]["token"] == token
-    # the embedded gateway is back too
-    gateway = platform.gateway_url
-    assert gateway is not None
-    wait_until(
-        "predict through the restarted embedded gateway",
-        lambda: (
-            check_answer(
-                httpx.post(f"{gateway}{INFER}", json=infer_body(2.0), headers={"Authorization": token}), 2.0
-            )
-            is None
-        ),
-        timeout=30,
-        platform=platform,
-    )
+    assert int((platform.state_dir / "gateway.pid").read_text().split()[0]) == gateway_pid
+    assert "adopted the running gateway" in platform.log()
 
     # delete: every process gone, the gateway answers 404 for the service
     pids = [r["pid"] for r in instances(cp)]

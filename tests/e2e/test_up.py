@@ -171,3 +171,35 @@ def test_up_runs_the_gateway_as_its_own_process(tmp_path: Path) -> None:
         assert new_pid != gateway.pid
         platform.stop()
         assert gone(new_pid)
+
+
+@pytest.mark.skipif(not gateway_available(), reason="the gateway module has not landed")
+def test_gateway_outlives_up_and_is_adopted_unless_its_settings_changed(tmp_path: Path) -> None:
+    with running_platform(gateway=True, stop_instances=False) as platform:
+        first = int((platform.state_dir / "gateway.pid").read_text().split()[0])
+        platform.stop()
+        assert not gone(first)  # the data path stays up while the control plane is away
+        assert httpx.get(f"{platform.gateway_url}/healthz").status_code == 200
+        platform.start()
+        assert int((platform.state_dir / "gateway.pid").read_text().split()[0]) == first
+        assert "adopted the running gateway" in platform.log()
+        # Other gateway settings: the old gateway is stopped and a new one started.
+        platform.stop()
+        grpc_port = free_port()
+        platform.args += ["--gateway-grpc-port", str(grpc_port)]
+        platform.start()
+        second = int((platform.state_dir / "gateway.pid").read_text().split()[0])
+        assert second != first
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not gone(first):
+            time.sleep(0.05)
+        assert gone(first)
+        assert "stopping the gateway left running with other settings" in platform.log()
+        # --stop-instances: a full shutdown, the gateway goes too.
+        platform.stop()
+        platform.args.append("--stop-instances")
+        platform.start()
+        assert int((platform.state_dir / "gateway.pid").read_text().split()[0]) == second
+        platform.stop()
+        assert gone(second)
+        assert not (platform.state_dir / "gateway.pid").exists()

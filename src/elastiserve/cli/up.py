@@ -45,7 +45,7 @@ DEFAULT_GATEWAY_PORT = 8480
 @click.option(
     "--stop-instances",
     is_flag=True,
-    help="on shutdown, drain and stop instances (default: leave them running; the next `up` adopts them)",
+    help="on shutdown, drain and stop instances and stop the gateway (default: leave them running; the next `up` adopts them)",
 )
 @click.option(
     "--cpus",

@@ -3,9 +3,10 @@ the gateway as a child process.
 
 One process owns a state directory (a lock file says so) so that two control planes never drive
 the same instances. The API runs under uvicorn in a thread; the main thread waits for
-SIGINT/SIGTERM and supervises the gateway. Shutting down stops the gateway and the control plane
-but leaves instances running: the next ``elastiserve up`` on the same state directory adopts
-them (``--stop-instances`` drains them instead).
+SIGINT/SIGTERM and supervises the gateway. Shutting down stops the control plane but leaves the
+data path running, instances and gateway: the next ``elastiserve up`` on the same state directory
+adopts them, so requests keep flowing across a control-plane restart (``--stop-instances`` drains
+the instances and stops the gateway instead).
 """
 
 from __future__ import annotations
@@ -154,11 +155,63 @@ class GatewayProcess:
             self.command += ["--grpc-port", str(grpc_port)]
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        # A gateway the previous ``up`` left running, kept instead of a new child.
+        self.adopted: psutil.Process | None = None
         self.restarts = 0
         self._next_start = 0.0
         self._started_at = 0.0
 
+    def adopt(self) -> bool:
+        """Keep the gateway a previous ``up`` on this state dir left running, when it runs with
+        exactly this command (same ports, control plane and token file). One with other settings
+        is stopped. True when adopted: the data path never closed across the restart."""
+        try:
+            pid_text, created_text = self.pid_path.read_text().split()
+            pid, created = int(pid_text), float(created_text)
+        except (OSError, ValueError):
+            return False
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) > 0.05 or proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            command = proc.cmdline()
+        except psutil.Error:
+            return False
+        if GATEWAY_MODULE not in command:
+            return False
+        if command == self.command:
+            self.adopted = proc
+            self._started_at = time.monotonic()
+            log.info("adopted the running gateway (pid %d)", pid)
+            return True
+        log.info("stopping the gateway left running with other settings (pid %d)", pid)
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+            try:
+                proc.wait(8)
+            except psutil.TimeoutExpired:
+                proc.kill()
+        return False
+
+    @property
+    def pid(self) -> int | None:
+        if self.adopted is not None:
+            return self.adopted.pid
+        return self.process.pid if self.process is not None else None
+
+    def running(self) -> bool:
+        if self.adopted is not None:
+            try:
+                return self.adopted.is_running() and self.adopted.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
     def start(self) -> None:
+        self.adopted = None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             # Own session: Ctrl-C in the terminal reaches only `up`, which stops the gateway itself.
@@ -187,7 +240,7 @@ class GatewayProcess:
 
     def supervise(self) -> None:
         """Restart a gateway that exited (1 s, 2 s, 4 s ... 30 s; reset after a minute up)."""
-        if self.process is None or self.process.poll() is None:
+        if (self.process is None and self.adopted is None) or self.running():
             return
         now = time.monotonic()
         if self._next_start == 0.0:
@@ -196,7 +249,7 @@ class GatewayProcess:
             delay = min(2.0**self.restarts, 30.0)
             log.warning(
                 "gateway exited with code %s; restarting in %gs (log: %s)",
-                self.process.returncode,
+                self.exit_code(),
                 delay,
                 self.log_path,
             )
@@ -208,6 +261,14 @@ class GatewayProcess:
             self.start()
 
     def stop(self, timeout: float = 8.0) -> None:
+        if self.adopted is not None:
+            with contextlib.suppress(psutil.Error):
+                self.adopted.terminate()
+                try:
+                    self.adopted.wait(timeout)
+                except psutil.TimeoutExpired:
+                    self.adopted.kill()
+            self.adopted = None
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -217,6 +278,15 @@ class GatewayProcess:
                 self.process.wait()
         with contextlib.suppress(FileNotFoundError):
             self.pid_path.unlink()
+
+    def leave_running(self) -> None:
+        """Let go of a running gateway (its pid file stays) so the next ``up`` adopts it."""
+        if self.running():
+            log.info("gateway left running (pid %s); the next `up` on this state dir adopts it", self.pid)
+            if self.process is not None:
+                self.process.returncode = 0  # not ours to reap any more: silences Popen's warning
+        self.process = None
+        self.adopted = None
 
 
 class Platform:
@@ -242,7 +312,9 @@ class Platform:
         self._lock.acquire()
         try:
             check_port_free(options.host, options.port, "control plane")
-            if options.gateway_port is not None:
+            gateway = self._gateway_process() if options.gateway_port is not None else None
+            if gateway is not None and not gateway.adopt():
+                assert options.gateway_port is not None
                 check_port_free(options.host, options.gateway_port, "gateway")
                 if options.gateway_grpc_port is not None:
                     check_port_free(options.host, options.gateway_grpc_port, "gateway gRPC")
@@ -263,36 +335,46 @@ class Platform:
             self.reconciler.start()
             self._stack.enter_context(serve_in_thread(app, options.host, options.port))
             _write_atomic(self.state_dir / ENDPOINT_FILE, self.url + "\n")
-            if options.gateway_port is not None:
-                if gateway_available():
-                    self.gateway = GatewayProcess(
-                        self.url,
-                        options.host,
-                        options.gateway_port,
-                        self.state_dir / ADMIN_TOKEN_FILE,
-                        self.state_dir / "logs" / "gateway.log",
-                        grpc_port=options.gateway_grpc_port,
-                    )
-                    self.gateway.start()
-                else:
-                    log.warning(
-                        "gateway not available (no %s.__main__ in this install): running without it",
-                        GATEWAY_MODULE,
-                    )
-                    self.gateway_url = None
+            if gateway is not None:
+                self.gateway = gateway
+                if gateway.adopted is None:
+                    gateway.start()
+            elif options.gateway_port is not None:
+                log.warning(
+                    "gateway not available (no %s.__main__ in this install): running without it",
+                    GATEWAY_MODULE,
+                )
+                self.gateway_url = None
         except BaseException:
             self.stop()
             raise
+
+    def _gateway_process(self) -> GatewayProcess | None:
+        options = self.options
+        if options.gateway_port is None or not gateway_available():
+            return None
+        return GatewayProcess(
+            self.url,
+            options.host,
+            options.gateway_port,
+            self.state_dir / ADMIN_TOKEN_FILE,
+            self.state_dir / "logs" / "gateway.log",
+            grpc_port=options.gateway_grpc_port,
+        )
 
     def supervise(self) -> None:
         if self.gateway is not None:
             self.gateway.supervise()
 
     def stop(self) -> None:
-        """Stop the gateway, the API and the reconciler; instances keep running unless
-        ``stop_instances`` (then they are drained and forgotten, so the next start begins clean)."""
+        """Stop the API and the reconciler. Instances and the gateway (the data path) keep running
+        and the next start adopts them, unless ``stop_instances``: then instances are drained and
+        forgotten and the gateway stopped, so the next start begins clean."""
         if self.gateway is not None:
-            self.gateway.stop()
+            if self.options.stop_instances:
+                self.gateway.stop()
+            else:
+                self.gateway.leave_running()
             self.gateway = None
         self._stack.close()
         if self.reconciler is not None:
