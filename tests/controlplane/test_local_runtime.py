@@ -216,6 +216,29 @@ def test_error_exit_reports_the_last_log_line(runtime: LocalRuntime) -> None:
     assert obs is not None and obs.exit_code == 3 and obs.reason == "fatal: no model here"
 
 
+def test_alive_but_never_ready_is_killed_after_the_startup_timeout(runtime: LocalRuntime) -> None:
+    spec = parse_spec(
+        {
+            "name": "mute",
+            "containers": [{"command": "sleep 60", "port": 8999}],  # alive, never listens
+            "metadata": {"instance": 1, "cpu": 0.5, "memory": 100},
+            "runtime": {"startup_timeout": 1},
+        }
+    )
+    started = time.monotonic()
+    handle = runtime.start_instance(spec, "mute-1", version=1)
+    obs = wait_for(runtime, "mute-1", lambda o: o is not None and o.phase == Phase.EXITED, timeout=10)
+    assert 1.0 <= time.monotonic() - started < 5
+    assert obs is not None and obs.exit_code == -9 and not obs.ready
+    assert obs.reason.startswith("not ready after 1s (runtime.startup_timeout); last check:"), obs.reason
+    assert handle.pid is not None
+    wait_gone(handle.pid)
+    # Started again (what the reconciler does), it is counted as a restart.
+    runtime.start_instance(spec, "mute-1", version=1)
+    obs = wait_for(runtime, "mute-1", lambda o: o is not None and o.phase == Phase.STARTING, timeout=5)
+    assert obs is not None and obs.restarts == 1
+
+
 def test_stop_kills_the_whole_process_group(runtime: LocalRuntime) -> None:
     handle = runtime.start_instance(custom_spec(http_server("sleep 300 & ")), "web-1", version=1)
     wait_for(runtime, "web-1", is_ready, timeout=15)

@@ -311,6 +311,12 @@ class RuntimeOptions(_Model):
     enable_crash_block: bool = Field(
         False, description="leave a crash-looping instance stopped for inspection"
     )
+    startup_timeout: float = Field(
+        600,
+        gt=0,
+        description="seconds an instance may take to become ready; one still not ready is killed and "
+        "restarted like a crashed one (an instance alive but never ready never serves)",
+    )
 
 
 class ServiceSpec(_Model):

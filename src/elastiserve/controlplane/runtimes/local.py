@@ -197,6 +197,7 @@ class _Proc:
     probe_failures: int = 0
     next_probe: float = 0.0
     probing: bool = False
+    kill_reason: str = ""  # why the runtime killed it (reported instead of the last log line)
     cpu_percent: float | None = None
     memory_mb: float | None = None
     sampled: dict[int, psutil.Process] = field(default_factory=dict)
@@ -320,6 +321,7 @@ class LocalRuntime:
                 )
             gpus = self._allocate_gpus(need.gpu, exclude=instance_id)
             launch = self._prepare(spec, instance_id, version, dict(env or {}), gpus)
+            launch.probe["startup_timeout"] = float(spec.runtime.startup_timeout)
             log_path = self.state_dir / "logs" / spec.name / f"{instance_id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "ab") as log_file:
@@ -624,9 +626,21 @@ class LocalRuntime:
                     else:
                         proc.phase, proc.ready, proc.exit_code = Phase.EXITED, False, code
                         # An error exit usually says why on its last line; a signal does not.
-                        proc.reason = self._last_log_line(proc) if code is None or code > 0 else ""
+                        proc.reason = proc.kill_reason or (
+                            self._last_log_line(proc) if code is None or code > 0 else ""
+                        )
                         self._save(proc)
                     changed = True
+                elif proc.phase == Phase.STARTING and not proc.kill_reason:
+                    limit = float(proc.probe.get("startup_timeout", 0) or 0)
+                    if limit and time.time() - proc.started > limit:
+                        # Alive but never ready: it would hold its slot forever. Killed, it is
+                        # restarted (with backoff, counted as a crash) like one that exited.
+                        proc.kill_reason = f"not ready after {limit:g}s (runtime.startup_timeout)" + (
+                            f"; last check: {proc.reason.removeprefix('not ready yet: ')}" if proc.reason else ""
+                        )
+                        log.warning("instance %s: %s; killing it", proc.instance_id, proc.kill_reason)
+                        self._signal(proc, signal.SIGKILL)
                 elif (
                     proc.phase == Phase.TERMINATING
                     and proc.stop_deadline is not None
