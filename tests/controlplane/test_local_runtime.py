@@ -239,6 +239,67 @@ def test_alive_but_never_ready_is_killed_after_the_startup_timeout(runtime: Loca
     assert obs is not None and obs.restarts == 1
 
 
+def _tiny_wheel(directory: Path, name: str = "es_greeting", version: str = "1.0") -> Path:
+    """A pure-Python wheel built by hand: installs offline, no build backend needed."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        f"{name}.py": f"GREETING = 'hello from {name} {version}'\n",
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{name}-{version}.dist-info/RECORD,,")
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+        archive.writestr(f"{name}-{version}.dist-info/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def test_python_requirements_are_installed_once_and_importable(
+    runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    wheel = _tiny_wheel(tmp_path)
+    serve = (
+        f"exec {PY} -c \"import es_greeting, http.server, os; "
+        "h = type('H', (http.server.BaseHTTPRequestHandler,), {'do_GET': lambda s: (s.send_response(200), "
+        "s.end_headers(), s.wfile.write(es_greeting.GREETING.encode()))}); "
+        "http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), h).serve_forever()\""
+    )
+    spec = custom_spec(
+        serve,
+        name="greet",
+        prepare={"pythonRequirements": [str(wheel)]},
+        readiness_check={"http_get": {"path": "/"}},
+    )
+    runtime.start_instance(spec, "greet-1", version=1)
+    first = wait_for(runtime, "greet-1", is_ready, timeout=60)
+    assert first is not None
+    assert httpx.get(f"http://127.0.0.1:{first.port}/").text == "hello from es_greeting 1.0"
+    assert "installing python requirements" in log_of(runtime, "greet-1")
+    # A second instance with the same list reuses the install.
+    runtime.start_instance(spec, "greet-2", version=1)
+    second = wait_for(runtime, "greet-2", is_ready, timeout=60)
+    assert second is not None
+    assert "python requirements already installed" in log_of(runtime, "greet-2")
+    # A requirement that cannot be installed: the instance exits with a clear reason.
+    broken = custom_spec(
+        serve, name="broken", prepare={"pythonRequirements": [str(tmp_path / "missing-1.0-py3-none-any.whl")]}
+    )
+    runtime.start_instance(broken, "broken-1", version=1)
+    obs = wait_for(runtime, "broken-1", lambda o: o is not None and o.phase == Phase.EXITED, timeout=60)
+    assert obs is not None and obs.exit_code == 1
+    assert obs.reason.startswith("error: installing prepare.pythonRequirements failed"), obs.reason
+
+
 def test_stop_kills_the_whole_process_group(runtime: LocalRuntime) -> None:
     handle = runtime.start_instance(custom_spec(http_server("sleep 300 & ")), "web-1", version=1)
     wait_for(runtime, "web-1", is_ready, timeout=15)

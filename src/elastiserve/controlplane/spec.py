@@ -66,7 +66,6 @@ NOT_YET_IMPLEMENTED: dict[str, str] = {
     "metadata.qos": "EAS compatibility; ignored",
     "metadata.cuda": "EAS compatibility; ignored",
     "containers[].image": "used by cluster runtimes only; the local runtime runs command/script directly",
-    "containers[].prepare.pythonRequirements": "stored; requirements are not installed",
     "oss_endpoint": "stored; configure object storage credentials and endpoint in the environment",
     "cloud": "EAS compatibility (public resource group); ignored",
 }

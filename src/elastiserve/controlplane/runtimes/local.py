@@ -56,6 +56,7 @@ from typing import Any
 
 import psutil
 
+from elastiserve.controlplane.runtimes import pyreqs
 from elastiserve.controlplane.runtimes.base import (
     Capacity,
     InstanceHandle,
@@ -560,6 +561,12 @@ class LocalRuntime:
             script.write_text(container.script or "")
             script.chmod(0o700)
             command = [str(script)] if (container.script or "").startswith("#!") else ["/bin/sh", str(script)]
+        requirements = container.prepare.pythonRequirements if container.prepare is not None else []
+        if requirements:
+            requirements_file = work / "requirements.txt"
+            requirements_file.write_text("".join(f"{line}\n" for line in requirements))
+            target = pyreqs.target_for(self.state_dir / "pyreqs", requirements)
+            command = pyreqs.wrap(command, target, requirements_file)
         check = container.readiness_check
         probe: dict[str, Any] = {"type": "tcp", "timeout": 1.0, "failures": 3, "period": 1.0}
         if check is not None:
