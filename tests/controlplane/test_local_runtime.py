@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -264,12 +265,10 @@ def _tiny_wheel(directory: Path, name: str = "es_greeting", version: str = "1.0"
     return wheel
 
 
-def test_python_requirements_are_installed_once_and_importable(
-    runtime: LocalRuntime, tmp_path: Path
-) -> None:
+def test_python_requirements_are_installed_once_and_importable(runtime: LocalRuntime, tmp_path: Path) -> None:
     wheel = _tiny_wheel(tmp_path)
     serve = (
-        f"exec {PY} -c \"import es_greeting, http.server, os; "
+        f'exec {PY} -c "import es_greeting, http.server, os; '
         "h = type('H', (http.server.BaseHTTPRequestHandler,), {'do_GET': lambda s: (s.send_response(200), "
         "s.end_headers(), s.wfile.write(es_greeting.GREETING.encode()))}); "
         "http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), h).serve_forever()\""
@@ -298,6 +297,58 @@ def test_python_requirements_are_installed_once_and_importable(
     obs = wait_for(runtime, "broken-1", lambda o: o is not None and o.phase == Phase.EXITED, timeout=60)
     assert obs is not None and obs.exit_code == 1
     assert obs.reason.startswith("error: installing prepare.pythonRequirements failed"), obs.reason
+
+
+def test_warm_up_requests_are_answered_before_the_instance_is_ready(
+    runtime: LocalRuntime, example_repo: Path, tmp_path: Path
+) -> None:
+    ones = {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16}
+    entry = {"model": "add_sub", "inputs": [ones, {**ones, "name": "INPUT1"}], "count": 3}
+    warm = tmp_path / "warmup.jsonl"
+    warm.write_text(json.dumps(entry) + "\n" + json.dumps({"path": "/v2/health/ready"}) + "\n")
+    spec = engine_spec(example_repo, name="warm")
+    spec = spec.model_copy(update={"warm_up_data_path": str(warm)})
+    handle = runtime.start_instance(spec, "warm-1", version=1)
+    wait_for(runtime, "warm-1", is_ready)
+    # Readiness came after the three warm-up inferences, which the engine counted.
+    stats = httpx.get(f"http://127.0.0.1:{handle.port}/v2/models/add_sub/stats").json()
+    assert stats["model_stats"][0]["inference_count"] == 3
+
+    # A warm-up request the instance rejects keeps it out of traffic, with the reason.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**entry, "model": "no_such_model"}]))
+    handle = runtime.start_instance(
+        spec.model_copy(update={"warm_up_data_path": str(bad)}), "warm-2", version=1
+    )
+    obs = wait_for(
+        runtime, "warm-2", lambda o: o is not None and "warm-up request 0" in (o.reason or ""), timeout=30
+    )
+    assert obs is not None and not obs.ready and obs.phase == Phase.STARTING
+    assert "answered 404" in obs.reason and "no_such_model" in obs.reason, obs.reason
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "the file is empty"),
+        ("[1, 2", "not valid JSON"),
+        ('{"model": "m", "inputs": []}\nnot json', "line 2 is not valid JSON"),
+        ("[]", "no requests in it"),
+        ('[{"inputs": []}]', "request 0: give 'model'"),
+        ('[{"model": "m", "inputs": [], "count": 0}]', "request 0: count must be an integer"),
+        ('[{"path": "predict"}]', "request 0: path must be a string starting with '/'"),
+        ('[{"path": "/p", "verb": "x"}]', "request 0: unknown field(s) ['verb']"),
+    ],
+)
+def test_bad_warm_up_files_are_clear_errors(
+    runtime: LocalRuntime, example_repo: Path, tmp_path: Path, content: str, message: str
+) -> None:
+    warm = tmp_path / "warm.json"
+    warm.write_text(content)
+    spec = engine_spec(example_repo, name="warm").model_copy(update={"warm_up_data_path": str(warm)})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runtime.start_instance(spec, "warm-1", version=1)
+    assert runtime.list_instances() == []
 
 
 def test_stop_kills_the_whole_process_group(runtime: LocalRuntime) -> None:

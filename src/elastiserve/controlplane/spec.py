@@ -55,7 +55,6 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 #: Remove an entry in the same change that implements the field.
 NOT_YET_IMPLEMENTED: dict[str, str] = {
     "autoscaler": "stored; enforced once the autoscaler lands",
-    "warm_up_data_path": "stored; instances are not warmed up before they take traffic",
     "metadata.rpc.batching": "stored; configure dynamic batching in the model's config.pbtxt",
     "metadata.rpc.max_batch_size": "stored; configure dynamic batching in the model's config.pbtxt",
     "metadata.rpc.max_batch_timeout": "stored; configure dynamic batching in the model's config.pbtxt",

@@ -56,7 +56,7 @@ from typing import Any
 
 import psutil
 
-from elastiserve.controlplane.runtimes import pyreqs
+from elastiserve.controlplane.runtimes import pyreqs, warmup
 from elastiserve.controlplane.runtimes.base import (
     Capacity,
     InstanceHandle,
@@ -472,9 +472,17 @@ class LocalRuntime:
         work.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         full_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-        if spec.is_custom:
-            return self._prepare_custom(spec, instance_id, work, full_env)
-        return self._prepare_engine(spec, work, full_env)
+        launch = (
+            self._prepare_custom(spec, instance_id, work, full_env)
+            if spec.is_custom
+            else self._prepare_engine(spec, work, full_env)
+        )
+        if spec.warm_up_data_path:
+            source = spec.warm_up_data_path
+            requests = warmup.load_warmup(local_path(source, self.base_dir, "warm_up_data_path"), source)
+            warmup.save(requests, work / "warmup.json")
+            launch.probe["warmup"] = str(work / "warmup.json")
+        return launch
 
     def _prepare_engine(self, spec: ServiceSpec, work: Path, env: dict[str, str]) -> _Launch:
         params: list[str] = []
@@ -685,9 +693,18 @@ class LocalRuntime:
                 proc.probing = False
 
     def _probe_and_record(self, proc: _Proc) -> None:
-        ok, detail = probe(
-            proc.address, proc.probe.get("port", proc.port), proc.probe, starting=proc.phase == Phase.STARTING
-        )
+        starting = proc.phase == Phase.STARTING
+        ok, detail = probe(proc.address, proc.probe.get("port", proc.port), proc.probe, starting=starting)
+        if ok and starting and proc.probe.get("warmup"):
+            # Published only after its warm-up requests were answered (warm_up_data_path).
+            try:
+                requests = warmup.load_saved(Path(proc.probe["warmup"]))
+            except (OSError, ValueError, TypeError) as exc:
+                ok, detail = False, f"cannot read the warm-up requests: {exc}"
+            else:
+                ok, detail = warmup.run_warmup(proc.address, proc.port, requests)
+                if ok:
+                    log.info("instance %s: %d warm-up request(s) answered", proc.instance_id, len(requests))
         changed = False
         with self._lock:
             proc.probing = False
