@@ -334,6 +334,30 @@ def test_endpoints_long_poll(cp: ControlPlane, anon: httpx.Client) -> None:
     assert anon.get(f"{API}/triton_test/endpoints", params={"wait": -1}).status_code == 400
 
 
+def test_services_list_etag_and_long_poll(cp: ControlPlane, http: httpx.Client, anon: httpx.Client) -> None:
+    created(http)
+    first = http.get(API)
+    etag = first.headers["etag"]
+    assert first.json()["services"][0]["name"] == "triton_test"
+    assert http.get(API, headers={"If-None-Match": etag}).status_code == 304
+    # Admin and anonymous readers see different bodies (tokens redacted), so different ETags.
+    assert anon.get(API).headers["etag"] != etag
+    assert anon.get(API, headers={"If-None-Match": etag}).status_code == 200
+    # No change: 304 after the wait.
+    started = time.monotonic()
+    unchanged = http.get(API, params={"wait": 0.4}, headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and 0.35 <= time.monotonic() - started < 3
+    # A change (here: the service stopped) ends the long-poll at once with the new list.
+    threading.Timer(0.2, lambda: cp.store.set_desired("triton_test", "stopped")).start()
+    started = time.monotonic()
+    changed = http.get(API, params={"wait": 5}, headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.json()["services"][0]["desired"] == "stopped"
+    assert 0.15 <= time.monotonic() - started < 3
+    assert http.get(API, params={"wait": -1}).status_code == 400
+    assert http.get(API, params={"wait": "soon"}).status_code == 400
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 

@@ -256,7 +256,7 @@ def platform(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 "--max-body-bytes",
                 str(MAX_BODY),
                 "--refresh-interval",
-                "0.5",
+                "30",  # changes must arrive through the long-polls, not periodic reads
                 "--connect-timeout",
                 "0.5",
                 "--log-level",

@@ -136,6 +136,18 @@ def test_tokens(platform: Platform, fake_instances: Callable[..., FakeInstance])
     assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert httpx.get(f"{platform.gateway}/api/predict/open/v2").status_code == 200  # no token: open
     assert fake.hits["/v2"] == 3
+    # A new token reaches the gateway through its long-poll of the service list, well before its
+    # --refresh-interval (30 s in these tests): the old token is refused within a second.
+    record = platform.store.get_service("locked")
+    spec = record.spec.model_copy(update={"token": "rotated-token-456"})
+    started = time.monotonic()
+    platform.store.update_service(spec)
+    while time.monotonic() - started < 5:
+        if httpx.get(url, headers={"Authorization": TOKEN}).status_code == 403:
+            break
+        time.sleep(0.02)
+    assert time.monotonic() - started < 1.5
+    assert httpx.get(url, headers={"Authorization": "rotated-token-456"}).status_code == 200
 
 
 # -- balancing and retries --------------------------------------------------------------------------

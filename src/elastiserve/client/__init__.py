@@ -8,6 +8,7 @@ from elastiserve.client.controlplane import (
     ControlPlaneClient,
     ControlPlaneError,
     Endpoints,
+    ServiceList,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "ControlPlaneClient",
     "ControlPlaneError",
     "Endpoints",
+    "ServiceList",
 ]

@@ -18,6 +18,7 @@ from elastiserve.client.controlplane import (
     ControlPlaneClient,
     ControlPlaneError,
     Endpoints,
+    ServiceList,
     _path,
     resolve_endpoint_and_token,
 )
@@ -81,6 +82,22 @@ class AsyncControlPlaneClient:
     async def list_services(self) -> list[dict[str, Any]]:
         """Every service's view (specs with tokens when this client holds the admin token)."""
         return (await self._request("GET", API)).json()["services"]
+
+    async def services(self, *, etag: str | None = None, wait: float | None = None) -> ServiceList:
+        """The service list; with ``etag`` an unchanged list is a cheap 304 (``changed`` False),
+        and with ``wait`` the call long-polls until something changes or ``wait`` seconds pass."""
+        response = await self._request(
+            "GET",
+            API,
+            ok=(304,),
+            headers={"If-None-Match": etag} if etag else {},
+            params={"wait": wait} if wait else {},
+            timeout=(wait or 0) + self._timeout,
+        )
+        new_etag = response.headers.get("etag", etag)
+        if response.status_code == 304:
+            return ServiceList([], new_etag, changed=False)
+        return ServiceList(response.json()["services"], new_etag, changed=True)
 
     async def endpoints(self, name: str, *, etag: str | None = None, wait: float | None = None) -> Endpoints:
         """Ready instances; with ``etag`` an unchanged set is a cheap 304 (``changed`` False), and

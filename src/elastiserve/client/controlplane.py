@@ -52,6 +52,15 @@ class Endpoints:
     changed: bool = True
 
 
+@dataclass
+class ServiceList:
+    """Every service's view; ``changed`` is False on a 304 (then ``services`` is empty)."""
+
+    services: list[dict[str, Any]] = field(default_factory=list)
+    etag: str | None = None
+    changed: bool = True
+
+
 def _path(name: str) -> str:
     # Quote everything: a name is validated by the server, but must never alter the URL path.
     return f"{API}/{quote(name, safe='')}"

@@ -360,17 +360,45 @@ def create_app(
         response.headers["Location"] = f"{API_PREFIX}/services/{record.name}"
         return {**service_view(record, admin=True, instances=[]), "warnings": spec_warnings(spec)}
 
-    @app.get(f"{API_PREFIX}/services", tags=["services"])
-    def list_services(admin: bool = Depends(admin_level)) -> dict[str, Any]:
+    def services_body(admin: bool) -> bytes:
         instances: dict[str, list[InstanceRecord]] = {}
         for inst in store.list_instances():
             instances.setdefault(inst.service, []).append(inst)
-        return {
-            "services": [
-                service_view(r, admin=admin, instances=instances.get(r.name, []))
-                for r in store.list_services()
-            ]
-        }
+        views = [
+            service_view(r, admin=admin, instances=instances.get(r.name, [])) for r in store.list_services()
+        ]
+        return json.dumps({"services": views}, sort_keys=True).encode()
+
+    def body_etag(body: bytes) -> str:
+        return f'"{hashlib.sha256(body).hexdigest()[:20]}"'
+
+    @app.get(f"{API_PREFIX}/services", tags=["services"])
+    async def list_services(
+        wait: Annotated[float, Query(ge=0, description="long-poll: seconds to wait for a change")] = 0.0,
+        if_none_match: Annotated[str | None, Header()] = None,
+        admin: bool = Depends(admin_level),
+    ) -> Response:
+        """Every service's view. Send the last ETag as ``If-None-Match``: 304 when nothing changed;
+        with ``wait`` the call returns as soon as something does (or 304 after ``wait`` seconds).
+        The gateway watches the list this way."""
+        body = await run_in_threadpool(services_body, admin)
+        tag = body_etag(body)
+        if if_none_match is not None and tag in _etags(if_none_match) and wait > 0:
+            deadline = time.monotonic() + min(wait, max_wait)
+            while tag in _etags(if_none_match):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await changes.wait(min(remaining, 1.0))
+                except asyncio.CancelledError:
+                    return Response(status_code=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
+                body = await run_in_threadpool(services_body, admin)
+                tag = body_etag(body)
+        headers = {"ETag": tag, "Cache-Control": "no-cache"}
+        if if_none_match is not None and tag in _etags(if_none_match):
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
 
     @app.get(f"{API_PREFIX}/services/{{name}}", tags=["services"])
     def describe_service(name: str, response: Response, admin: bool = Depends(admin_level)) -> dict[str, Any]:

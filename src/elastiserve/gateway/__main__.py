@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayOptions:
     )
     parser.add_argument("--max-attempts", type=int, default=3, help="tries per request across instances")
     parser.add_argument(
-        "--refresh-interval", type=float, default=2.0, help="seconds between reads of the service list"
+        "--refresh-interval", type=float, default=2.0, help="seconds between reads of the service list when the control plane cannot long-poll it"
     )
     parser.add_argument(
         "--long-poll", type=float, default=30.0, help="seconds each endpoints long-poll waits"

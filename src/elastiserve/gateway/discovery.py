@@ -2,9 +2,10 @@
 
 Two loops, both over the control plane's HTTP API (never its store):
 
-* the **service list** (tokens, limits, groups) is read every ``refresh_interval`` seconds, and
-  at once (at most every 0.25 s) when a request names a service the gateway does not know yet,
-  so a service is reachable the moment it is created;
+* the **service list** (tokens, limits, groups) is long-polled with its last ``ETag``, so a
+  change (a new token, a stopped service, a group's weights) arrives at once and an unchanged
+  list costs a 304; it is also read at once (at most every 0.25 s) when a request names a
+  service the gateway does not know yet, so a service is reachable the moment it is created;
 * each service's **endpoints** are long-polled with its last ``ETag`` (``If-None-Match`` plus
   ``?wait=``): the call returns as soon as the ready set changes, and costs a 304 otherwise.
   Answers that come back early without a change are spaced out, so a control plane that ignores
@@ -59,9 +60,10 @@ class Catalog:
         self._pool_options = pool_options or {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
-        self._refreshing: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[bool] | None = None
         self._refresh_started = -1e9
         self._failing = False
+        self._services_etag: str | None = None
 
     async def start(self) -> None:
         """Read the service list once (a failure is logged, not raised) and start refreshing."""
@@ -112,9 +114,12 @@ class Catalog:
             self._refreshing = asyncio.create_task(self._refresh(), name="gateway-services")
             self._refreshing.add_done_callback(_retrieve)
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, wait: float | None = None) -> bool:
+        """One (conditional) read of the service list; True when it changed."""
         try:
-            views = await self.client.list_services()
+            result = await self.client.services(
+                etag=self._services_etag if self.table.loaded else None, wait=wait
+            )
         except ControlPlaneError as exc:
             if not self._failing:
                 log.warning("cannot read services from the control plane (keeping the last known): %s", exc)
@@ -123,7 +128,10 @@ class Catalog:
         if self._failing:
             log.info("control plane reachable again")
         self._failing = False
-        self.apply([ServiceConfig.from_view(v) for v in views])
+        if result.changed:
+            self.apply([ServiceConfig.from_view(v) for v in result.services])
+            self._services_etag = result.etag
+        return result.changed
 
     def apply(self, configs: list[ServiceConfig]) -> None:
         """Make the table hold exactly ``configs`` (new services get an endpoint watcher)."""
@@ -156,10 +164,26 @@ class Catalog:
         table.loaded = True
 
     async def _refresh_loop(self) -> None:
+        """Long-poll the service list. An unchanged answer that comes back sooner than a second
+        (a control plane that caps or ignores ``wait``) is followed by a pause, so the list is
+        never read in a tight loop; one without an ETag means a plain read every
+        ``refresh_interval``; failures back off."""
+        backoff = _BACKOFF_FIRST
         while True:
-            await asyncio.sleep(self.refresh_interval)
-            with contextlib.suppress(ControlPlaneError):
-                await self.refresh_now()
+            started = time.monotonic()
+            try:
+                changed = await self._refresh(wait=self.long_poll)
+            except ControlPlaneError:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            backoff = _BACKOFF_FIRST
+            gap = _CHANGED_MIN_GAP if changed else _UNCHANGED_MIN_GAP
+            if self._services_etag is None:  # a control plane without ETags: a plain periodic read
+                gap = self.refresh_interval
+            elapsed = time.monotonic() - started
+            if elapsed < gap:
+                await asyncio.sleep(gap - elapsed)
 
     # -- endpoints -----------------------------------------------------------------------------------
 
@@ -195,7 +219,7 @@ class Catalog:
                 await asyncio.sleep(gap - elapsed)
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
+def _retrieve(task: asyncio.Task[bool]) -> None:
     """Mark a refresh's failure as seen (it was logged) even when no caller awaited it."""
     if not task.cancelled():
         task.exception()
