@@ -201,6 +201,7 @@ def create_app(
     )
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     app.state.store = store
+    app.state.release_waiters = changes.release  # serve_in_thread calls it before stopping
     app.state.notifier = notifier
 
     # -- errors ----------------------------------------------------------------------------------
@@ -393,6 +394,8 @@ def create_app(
                     await changes.wait(min(remaining, 1.0))
                 except asyncio.CancelledError:
                     return Response(status_code=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
+                if changes.closing:
+                    break
                 body = await run_in_threadpool(services_body, admin)
                 tag = body_etag(body)
         headers = {"ETag": tag, "Cache-Control": "no-cache"}
@@ -567,7 +570,7 @@ def create_app(
 
         async def stream() -> AsyncIterator[bytes]:
             yield initial.encode()
-            while not await request.is_disconnected():
+            while not changes.closing and not await request.is_disconnected():
                 await asyncio.sleep(0.5)
                 text = await run_in_threadpool(read_new)
                 if text is None:
@@ -620,6 +623,8 @@ def create_app(
                 except asyncio.CancelledError:
                     # The server is shutting down: end the long-poll quietly (the client re-polls).
                     return Response(status_code=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
+                if changes.closing:
+                    break
                 eps = await run_in_threadpool(endpoints_of, name)
                 tag = endpoints_etag(eps)
         headers = {"ETag": tag, "Cache-Control": "no-cache"}
@@ -675,7 +680,20 @@ class _ChangeSignal:
             self._event.set()
             self._event = asyncio.Event()
 
+    closing = False
+
+    def release(self) -> None:
+        """Shutting down (from any thread): end every long-poll now, so the server stops at once
+        instead of waiting out its graceful-shutdown timeout and cancelling them."""
+        self.closing = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fire)
+
     async def wait(self, timeout: float) -> None:
+        if self.closing:
+            return
         if self._event is None:  # app used without lifespan (no listener): poll
             await asyncio.sleep(min(timeout, 0.1))
             return
@@ -714,5 +732,8 @@ def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int | None = No
     try:
         yield f"http://{host}:{port}"
     finally:
+        release = getattr(getattr(app, "state", None), "release_waiters", None)
+        if release is not None:
+            release()
         server.should_exit = True
         thread.join(timeout=10)
