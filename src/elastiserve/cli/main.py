@@ -7,6 +7,7 @@ import sys
 import click
 
 from elastiserve import __version__
+from elastiserve.cli.bench import bench
 from elastiserve.cli.services import register as register_services
 from elastiserve.cli.up import up
 
@@ -41,6 +42,7 @@ def serve(flags: tuple[str, ...]) -> None:
 
 register_services(cli)
 cli.add_command(up)
+cli.add_command(bench)
 
 
 def main() -> None:
