@@ -398,8 +398,10 @@ def test_capacity_accounting(store: Store) -> None:
 
 
 def test_remote_and_missing_repositories_are_clear_errors(runtime: LocalRuntime, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"oss:// is not supported by the local runtime yet"):
-        runtime.start_instance(engine_spec("oss://bucket/models"), "e-1", version=1)  # type: ignore[arg-type]
+    # Remote repositories go to the engine as they are (tests/e2e/test_object_storage.py); one the
+    # engine could never read is refused before anything starts.
+    with pytest.raises(ConfigError, match=r"'http://host/models': an http\(s\) model location must be an archive"):
+        runtime.start_instance(engine_spec("http://host/models"), "e-1", version=1)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"model repository '.*nowhere' does not exist"):
         runtime.start_instance(engine_spec(tmp_path / "nowhere"), "e-2", version=1)
     assert runtime.list_instances() == []

@@ -4,7 +4,6 @@ event loop as the server (as the engine runs it), on both transports."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import queue
 import socket
@@ -143,22 +142,29 @@ async def test_port_in_use_fails(transport: str) -> None:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_stream_infer_is_unimplemented(transport: str) -> None:
+def test_stream_infer_with_a_plain_model(transport: str) -> None:
+    """ModelStreamInfer on both transports: one final response per request of a non-decoupled
+    model, errors in error_message while the stream goes on, the status once the client is done."""
     server = GrpcServerThread(transport=transport).start()
     try:
-        results: queue.Queue[object] = queue.Queue()
+        results: queue.Queue[tuple[object, object]] = queue.Queue()
         with grpcclient.InferenceServerClient(server.url) as client:
-            client.start_stream(callback=lambda result, error: results.put(error or result))
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
             tensor = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
-            tensor.set_data_from_numpy(np.zeros((1, 16), dtype=np.float32))
-            # The server refuses the stream at once, so the refusal may already have arrived.
-            with contextlib.suppress(InferenceServerException):
-                client.async_stream_infer("identity_fp32", [tensor])
-            error = results.get(timeout=10)
+            tensor.set_data_from_numpy(np.arange(16, dtype=np.float32).reshape(1, 16))
+            client.async_stream_infer("missing", [tensor], request_id="bad")
+            for i in range(20):
+                client.async_stream_infer("identity_fp32", [tensor], request_id=f"r{i}")
+            got = [results.get(timeout=10) for _ in range(21)]
             client.stop_stream()
-            assert isinstance(error, InferenceServerException)
-            assert error.status() == "StatusCode.UNIMPLEMENTED"
-            assert "ModelStreamInfer is not supported by this server yet" in (error.message() or "")
+            errors = [str(error) for _, error in got if error is not None]
+            assert errors == ["Request for unknown model: 'missing' is not found"]
+            ids = sorted(r.get_response().id for r, e in got if e is None)  # type: ignore[union-attr]
+            assert ids == sorted(f"r{i}" for i in range(20))
+            first = next(r for r, e in got if e is None)
+            assert first.get_response().parameters["triton_final_response"].bool_param  # type: ignore[union-attr]
+            np.testing.assert_array_equal(first.as_numpy("OUTPUT0"), np.arange(16).reshape(1, 16))  # type: ignore[union-attr]
+            assert results.empty()
             assert client.is_server_live()
     finally:
         server.stop()

@@ -19,7 +19,7 @@ from elastiserve.engine.backends.python import (
     execution_mode,
     model_config_dict,
 )
-from elastiserve.errors import ConfigError, Internal, InvalidArgument, NotFound, Unsupported
+from elastiserve.errors import ConfigError, Internal, InvalidArgument, NotFound
 from elastiserve.types import InferResponse, RequestedOutput
 
 from .python_backend_support import (
@@ -184,16 +184,19 @@ def test_wrong_number_of_responses_is_a_clear_error(errors_instance) -> None:  #
     assert "InferenceRequest(s) size is:2, and InferenceResponse(s) size is:1" in str(results[0])
 
 
-def test_response_sender_is_not_supported_yet(errors_instance) -> None:  # type: ignore[no-untyped-def]
+def test_response_sender_needs_a_decoupled_model(errors_instance) -> None:  # type: ignore[no-untyped-def]
     (result,) = errors_instance.execute([add_sub_request("errors", 300, 0)])
-    assert isinstance(result, Internal) and "decoupled models not supported yet" in str(result)
+    assert isinstance(result, Internal) and "only available to decoupled models" in str(result)
 
 
-def test_decoupled_model_is_refused_at_load(tmp_path: Path) -> None:
+def test_decoupled_model_loads(tmp_path: Path) -> None:
     extra = "model_transaction_policy { decoupled: true }"
     model_dir, config = write_model(tmp_path, "dec", ADD_SUB_MODEL, add_sub_config("dec", extra=extra))
-    with pytest.raises(Unsupported, match="decoupled models not supported yet"):
-        BACKEND.create_instance(make_context(model_dir, config))
+    instance = BACKEND.create_instance(make_context(model_dir, config))
+    try:
+        assert hasattr(instance, "execute_decoupled")  # tests/engine/test_decoupled.py runs them
+    finally:
+        instance.close()
 
 
 ARGS_MODEL = """

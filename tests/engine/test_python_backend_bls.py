@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,5 +139,64 @@ def test_bls_without_an_engine_is_a_clear_error(tmp_path: Path) -> None:
     try:
         (result,) = instance.execute([add_sub_request("lonely", 1, 0)])
         assert "BLS is not available" in str(result)
+    finally:
+        instance.close()
+
+
+class SlowDataPlane(FakeDataPlane):
+    """``slow`` answers after 5 s: long enough for a BLS timeout to fire first."""
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if request.model_name == "slow":
+            self.seen.append(request)
+            await asyncio.sleep(5)
+        return await super().infer(request)
+
+
+VERSION_AND_TIMEOUT_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            pinned = pb_utils.InferenceRequest(
+                model_name="double", model_version=3, inputs=[pb_utils.Tensor("X", x)],
+                requested_output_names=["Y"],
+            ).exec()
+            late = pb_utils.InferenceRequest(
+                model_name="slow", inputs=[pb_utils.Tensor("X", x)], requested_output_names=["Y"],
+                timeout=200_000,  # microseconds, as in Triton
+            ).exec()
+            note = f"{late.has_error()}:{late.error().message() if late.has_error() else ''}"
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUTPUT0", pb_utils.get_output_tensor_by_name(pinned, "Y").as_numpy()),
+                pb_utils.Tensor("OUTPUT1", np.array([note.encode()], dtype=np.object_)),
+            ]))
+        return responses
+"""
+
+
+@pytest.mark.parametrize("mode", ["in_process", "process"])
+def test_bls_model_version_and_timeout(tmp_path: Path, loop: asyncio.AbstractEventLoop, mode: str) -> None:
+    extra = f'parameters {{ key: "execution_mode" value {{ string_value: "{mode}" }} }}'
+    model_dir, config = write_model(
+        tmp_path, "vt", VERSION_AND_TIMEOUT_MODEL, add_sub_config("vt", extra=extra)
+    )
+    server = SlowDataPlane()
+    instance = BACKEND.create_instance(make_context(model_dir, config, server=server, extra={"loop": loop}))
+    try:
+        started = time.monotonic()
+        (result,) = instance.execute([add_sub_request("vt", 2, 0)])
+        assert time.monotonic() - started < 3  # the timeout fired, the slow call did not hold execute
+        assert isinstance(result, InferResponse), result
+        assert result.output("OUTPUT0").data[0, 0] == 4  # type: ignore[union-attr,index]
+        note = result.output("OUTPUT1").data[0].decode()  # type: ignore[union-attr]
+        assert note == "True:BLS request to model 'slow' timed out after 0.2s"
+        assert [(r.model_name, r.model_version) for r in server.seen] == [("double", "3"), ("slow", "")]
+        time.sleep(0.05)  # let the loop finish cancelling the abandoned call
     finally:
         instance.close()

@@ -255,6 +255,20 @@ def test_shared_memory_is_not_supported_cleanly(
     assert r.status_code == 400 and "'region name' is necessary" in r.json()["error"]
 
 
-def test_generate_is_unsupported(server: ServerThread) -> None:
-    r = httpx.post(url(server, "/v2/models/add_sub/generate"), json={})
-    assert r.status_code == 501 and "'generate' extension is not supported" in r.json()["error"]
+def test_generate_on_a_plain_model(server: ServerThread) -> None:
+    a, b = list(range(16)), [1.0] * 16
+    r = httpx.post(url(server, "/v2/models/add_sub/generate"), json={"INPUT0": a, "INPUT1": b})
+    assert r.status_code == 200
+    assert r.json() == {
+        "OUTPUT0": [x + 1.0 for x in a],
+        "OUTPUT1": [x - 1.0 for x in a],
+        "model_name": "add_sub",
+        "model_version": "1",
+    }
+    r = httpx.post(url(server, "/v2/models/add_sub/generate_stream"), json={"INPUT0": a, "INPUT1": b})
+    assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert r.text.startswith('data: {"OUTPUT0":[1.0,') and r.text.endswith("}\n\n")
+    r = httpx.post(url(server, "/v2/models/add_sub/generate"), json={"INPUT0": [1, 2]})
+    assert r.status_code == 400 and "do not fit shape [16]" in r.json()["error"]
+    r = httpx.post(url(server, "/v2/models/add_sub/generate"), content=b"{bad")
+    assert r.status_code == 400 and "failed to parse the request JSON buffer" in r.json()["error"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from elastiserve import SERVER_NAME, TRITON_COMPAT_VERSION
+from elastiserve.engine.streaming import ResponseStream, single_response
 from elastiserve.errors import Unavailable
 from elastiserve.types import InferRequest, InferResponse
 
@@ -85,6 +86,17 @@ class DataPlane:
         classification applied. Raises ElastiserveError."""
         model = self.registry.get(request.model_name, request.model_version)
         return await model.infer(request)
+
+    def infer_stream(self, request: InferRequest) -> ResponseStream:
+        """Start one request and return its responses as they come: ``async for result, final in
+        stream`` (``result`` an InferResponse, an ElastiserveError, or None for a bare FINAL).
+        Decoupled models send zero or more; other models exactly one. ``stream.cancel()`` when
+        the client goes away. Raises ElastiserveError for unknown models and invalid requests."""
+        model = self.registry.get(request.model_name, request.model_version)
+        infer_stream = getattr(model, "infer_stream", None)
+        if infer_stream is None:  # a model kind with only unary inference: its one response
+            return single_response(model.infer(request))
+        return infer_stream(request)
 
     # -- repository ---------------------------------------------------------------------------
     def repository_index(self, ready: bool = False) -> list[dict[str, Any]]:

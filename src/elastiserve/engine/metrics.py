@@ -73,6 +73,18 @@ _COUNTERS = [
     ),
     ("nv_cache_num_hits_per_model", "Number of cache hits per model", "cache_hit.count", 1),
     ("nv_cache_num_misses_per_model", "Number of cache misses per model", "cache_miss.count", 1),
+    (
+        "nv_cache_hit_duration_per_model",
+        "Total cache hit duration per model, in microseconds",
+        "cache_hit.ns",
+        1000,
+    ),
+    (
+        "nv_cache_miss_duration_per_model",
+        "Total cache miss (insert+lookup) duration per model, in microseconds",
+        "cache_miss.ns",
+        1000,
+    ),
 ]
 
 _FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")

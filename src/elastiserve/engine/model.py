@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from elastiserve.engine.scheduler import Scheduler
+from elastiserve.engine.sequence import control_input_names
 from elastiserve.engine.stats import ModelStats
-from elastiserve.errors import InvalidArgument
+from elastiserve.engine.streaming import DecoupledUnary, ResponseStream, single_response, start_decoupled
+from elastiserve.errors import InvalidArgument, Unavailable, Unsupported
 from elastiserve.types import InferRequest, InferResponse, InferTensor, config_type_to_datatype
 
 if TYPE_CHECKING:
@@ -73,9 +75,13 @@ class ModelVersion:
         self.max_batch_size = config.max_batch_size
         self.inputs = {t.name: TensorSpec(t, model_dir, True) for t in config.input}
         self.outputs = {t.name: TensorSpec(t, model_dir, False) for t in config.output}
-        self.required_inputs = [n for n, s in self.inputs.items() if not s.optional]
+        # Sequence control inputs are injected by the sequence batcher, never required from clients.
+        injected = control_input_names(config)
+        self.required_inputs = [n for n, s in self.inputs.items() if not s.optional and n not in injected]
         self.stats = ModelStats(name, self.version_str)
         self.scheduler = scheduler
+        # Decoupled models answer through response streams only (engine/streaming.py).
+        self.decoupled = bool(config.model_transaction_policy.decoupled)
 
     # -- metadata ---------------------------------------------------------------------------------
     def metadata(self, versions: list[str]) -> dict[str, Any]:
@@ -96,6 +102,8 @@ class ModelVersion:
 
     # -- inference --------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
+        if self.decoupled:
+            raise DecoupledUnary(DecoupledUnary.GRPC_MESSAGE)
         batch_size = self.validate(request)
         assert self.scheduler is not None
         response = await self.scheduler.infer(request, batch_size)
@@ -103,6 +111,28 @@ class ModelVersion:
         response.model_version = self.version_str
         response.id = request.id
         return self.shape_outputs(request, response)
+
+    def infer_stream(self, request: InferRequest) -> ResponseStream:
+        """Start ``request`` and return the stream of its responses: as many as a decoupled model
+        sends, else the one response. Invalid requests raise here, before anything streams."""
+        if not self.decoupled:
+            return single_response(self.infer(request))
+        batch_size = self.validate(request)
+        scheduler = self.scheduler
+        if not isinstance(scheduler, Scheduler):
+            raise Unsupported(f"model '{self.name}': decoupled models need the default or dynamic batcher")
+        if scheduler._closed:
+            raise Unavailable(f"model '{request.model_name}' is unloading")
+
+        def shape(response: InferResponse) -> InferResponse:
+            response.model_name = self.name
+            response.model_version = self.version_str
+            response.id = request.id
+            return self.shape_outputs(request, response)
+
+        stream = ResponseStream(transform=shape)
+        start_decoupled(scheduler, request, batch_size, stream)
+        return stream
 
     def validate(self, request: InferRequest) -> int:
         """Check inputs against the config; returns the batch size (1 for non-batching models).
@@ -117,12 +147,24 @@ class ModelVersion:
         name = self.name
         inputs = self.inputs
         given = request.inputs
-        if len(given) < len(self.required_inputs) or any(t.name not in inputs for t in given):
+        required = self.required_inputs
+        if (
+            len(given) < len(required)
+            or any(t.name not in inputs for t in given)
+            # optional inputs given instead of a required one
+            or (len(required) != len(inputs) and len({t.name for t in given}.intersection(required)) < len(required))
+        ):
             present = [t.name for t in given]
-            missing = [n for n in self.required_inputs if n not in present]
-            if len(given) < len(self.required_inputs) and missing:
+            missing = [n for n in required if n not in present]
+            # Unknown input names are reported first when the count alone is not short.
+            if missing and (len(given) < len(required) or all(t.name in inputs for t in given)):
+                expected = (  # Triton's wording, with and without optional inputs
+                    f"number of inputs between {len(required)} and {len(inputs)}"
+                    if len(required) != len(inputs)
+                    else f"{len(required)} inputs"
+                )
                 raise InvalidArgument(
-                    f"expected {len(self.required_inputs)} inputs but got {len(given)} inputs for model "
+                    f"expected {expected} but got {len(given)} inputs for model "
                     f"'{name}'. Got input(s) {_names(present)}, but missing required input(s) "
                     f"{_names(missing)}. Please provide all required input(s)."
                 )

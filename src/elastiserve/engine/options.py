@@ -60,7 +60,6 @@ IGNORED_FLAGS = [
     "grpc-header-forward-pattern",
     "host-policy",
     "response-cache-byte-size",
-    "cache-config",
     "allow-sagemaker",
     "sagemaker-port",
     "sagemaker-safe-port-range",
@@ -119,6 +118,8 @@ class ServeOptions:
     id: str = "elastiserve"
     http_max_body_bytes: int = 64 << 20
     grpc_max_message_bytes: int = 64 << 20
+    cache_config: list[str] = field(default_factory=list)
+    cache_size: int = 0  # bytes of the response cache from --cache-config; 0 = no cache
     warnings: list[str] = field(default_factory=list)
 
 
@@ -171,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="larger request bodies get 413 (elastiserve)",
     )
     add("--grpc-max-message-bytes", type=int, default=64 << 20, help="gRPC message size limit (elastiserve)")
+    add(
+        "--cache-config",
+        action="append",
+        default=[],
+        help="response cache: local,size=<bytes> (Triton's syntax; repeatable)",
+    )
     add("-h", "--help", action="store_true")
     for flag in IGNORED_FLAGS:
         add(f"--{flag}", dest=f"ignored_{flag.replace('-', '_')}", action="append", default=None)
@@ -204,4 +211,33 @@ def parse_serve_args(argv: list[str]) -> ServeOptions:
         raise ConfigError("elastiserve serve: --load-model requires --model-control-mode=explicit")
     if options.repository_poll_secs <= 0:
         raise ConfigError("elastiserve serve: --repository-poll-secs must be > 0")
+    options.cache_size = parse_cache_config(options.cache_config)
     return options
+
+
+def parse_cache_config(values: list[str]) -> int:
+    """``--cache-config`` values (``local,size=<bytes>``, repeatable) -> cache size in bytes (0: off)."""
+    size = 0
+    for value in values:
+        cache, _, setting = value.partition(",")
+        cache = cache.strip()
+        if cache != "local":
+            raise ConfigError(
+                f"elastiserve serve: --cache-config={value}: cache '{cache}' is not supported "
+                "(only 'local', as in --cache-config=local,size=1048576)"
+            )
+        key, sep, text = setting.partition("=")
+        if not sep or key.strip() != "size":
+            raise ConfigError(
+                f"elastiserve serve: --cache-config={value}: expected 'local,size=<bytes>' "
+                "(for example --cache-config=local,size=1048576)"
+            )
+        try:
+            size = int(text.strip())
+        except ValueError:
+            size = -1
+        if size <= 0:
+            raise ConfigError(
+                f"elastiserve serve: --cache-config={value}: size must be a positive number of bytes"
+            )
+    return size

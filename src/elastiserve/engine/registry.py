@@ -31,9 +31,13 @@ from elastiserve.engine.config import (
     read_model_config,
     validate_config,
 )
+from elastiserve.engine.ensemble import EnsembleSupport
 from elastiserve.engine.model import ModelVersion
 from elastiserve.engine.repository import ModelLocation, ModelRepository, versions_to_serve
+from elastiserve.engine.response_cache import ResponseCache, make_model_version
 from elastiserve.engine.scheduler import Scheduler
+from elastiserve.engine.sequence import SequenceScheduler, validate_sequence_config
+from elastiserve.engine.warmup import warm_up
 from elastiserve.errors import ConfigError, ElastiserveError, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,8 @@ class ModelRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         # False until the initial models were attempted: the server is not ready before that.
         self.initialized = False
+        self.response_cache: ResponseCache | None = None  # --cache-config; models opt in (response_cache.py)
+        self.ensembles = EnsembleSupport(self)  # ensemble loading order, dependencies (ensemble.py)
 
     # -- queries (hot path: plain dict lookups) --------------------------------------------------
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -178,7 +184,9 @@ class ModelRegistry:
         failures = [f"{name}: {reason}" for name, reason in conflicts.items()]
         for name, reason in conflicts.items():
             self.models[name] = ModelEntry(name, UNAVAILABLE, reason)
-        for name in names:
+        for name in self.ensembles.order(names, found):
+            if name in self.models and self.models[name].versions:
+                continue  # already loaded as a composing model of an ensemble
             try:
                 await self.load(name)
             except ElastiserveError as exc:
@@ -212,6 +220,12 @@ class ModelRegistry:
                     override_dir = _write_override_files(name, files)
                     location = ModelLocation(name, override_dir, override_dir.parent)
                 else:
+                    if self.initialized and self.control_mode == "explicit" and self.repository.has_remote:
+                        # Triton reads the repository again on a load request: sync changed objects.
+                        try:
+                            await asyncio.to_thread(self.repository.refresh)
+                        except ElastiserveError as exc:
+                            log.error("repository sync for loading '%s': %s; using the last copy", name, exc)
                     location = self.repository.find(name)
                     if location is None:
                         raise NotFound(
@@ -221,6 +235,7 @@ class ModelRegistry:
                         )
                 fingerprint = _fingerprint(location.path)
                 versions = await asyncio.to_thread(self._build_versions, location, config_json)
+                await self.ensembles.prepare(name, versions)
             except ElastiserveError as exc:
                 if override_dir is not None:
                     shutil.rmtree(override_dir, ignore_errors=True)
@@ -242,6 +257,7 @@ class ModelRegistry:
             await _close_versions(previous)
             if old_override is not None:
                 shutil.rmtree(old_override, ignore_errors=True)
+        await self.ensembles.after_load(name)
 
     async def unload(self, name: str, unload_dependents: bool = False) -> None:
         async with self._lock(name):
@@ -261,9 +277,15 @@ class ModelRegistry:
                 shutil.rmtree(entry.override_dir, ignore_errors=True)
                 entry.override_dir = None
             log.info("successfully unloaded '%s'", name)
+        await self.ensembles.after_unload(name, unload_dependents)
 
     async def poll(self) -> None:
         """Poll mode: load new models, reload changed ones, unload removed ones."""
+        if self.repository.has_remote:  # re-sync remote roots; on failure keep serving the last copy
+            try:
+                await asyncio.to_thread(self.repository.refresh)
+            except ElastiserveError as exc:
+                log.error("repository poll: %s; the models already loaded keep serving", exc)
         found, conflicts = self.repository.discover()
         for name in list(self.models):
             entry = self.models[name]
@@ -303,17 +325,19 @@ class ModelRegistry:
         detect_backend(model_dir, config)
         backend_id = backend_name(config.backend, config.platform)
         if backend_id == "ensemble":
-            raise ConfigError(f"model '{name}': ensembles are not supported yet")
+            return self.ensembles.build(location, config)
         backend = get_backend(backend_id)
         if not self.strict_config:
             serve = versions_to_serve(config, model_dir)
             backend.auto_complete_config(config, model_dir, serve[-1])
         apply_defaults(config, name)
         validate_config(config, name)
+        validate_sequence_config(config, model_dir)
         versions: dict[int, ModelVersion] = {}
         try:
             for version in versions_to_serve(config, model_dir):
                 versions[version] = self._build_version(name, version, config, location, backend)
+                warm_up(versions[version])  # before READY: the load fails if a sample fails
         except BaseException:
             for built in versions.values():
                 if built.scheduler is not None:
@@ -362,8 +386,13 @@ class ModelRegistry:
             getattr(i, "out_of_process", False) or getattr(i, "requires_thread", False) for i in instances
         ):
             placement = "thread"
-        model = ModelVersion(name, version, config, location.path, None)
-        model.scheduler = Scheduler(config, instances, model.stats, placement)
+        model = make_model_version(name, version, config, location.path, self.response_cache)
+        if config.HasField("sequence_batching"):
+            model.scheduler = SequenceScheduler(  # type: ignore[assignment]
+                config, instances, model.stats, placement, location.path
+            )
+        else:
+            model.scheduler = Scheduler(config, instances, model.stats, placement)
         return model
 
 

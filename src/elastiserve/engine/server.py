@@ -47,6 +47,11 @@ class EngineServer:
             strict_config=options.strict_model_config,
             strict_readiness=options.strict_readiness,
         )
+        if options.cache_size:
+            from elastiserve.engine.response_cache import ResponseCache
+
+            self.registry.response_cache = ResponseCache(options.cache_size)
+            log.info("response cache: local, %d bytes", options.cache_size)
         self.dataplane = DataPlane(self.registry, server_id=options.id)
         self.registry.server = self.dataplane
         self.metrics = EngineMetrics(self.registry)
@@ -92,6 +97,8 @@ class EngineServer:
                 )
             )
             log.info("started Metrics Service at %s:%d", options.metrics_address, options.metrics_port)
+        if self.repository.has_remote:  # s3://, oss://, http archives: sync into the local cache first
+            await asyncio.to_thread(self.repository.refresh)
         failures = await self.registry.load_initial(options.load_model)
         for failure in failures:
             log.error("%s", failure)

@@ -8,6 +8,13 @@
   ``lightgbm``, ``pytorch``, ``python``) get a one-model Triton repository built in the
   instance's directory from ``model_path`` (symlinks, not copies). Readiness is the engine's
   ``/v2/health/ready``.
+* **Remote locations** (``s3://``, ``oss://``, http(s) archives; docs/object-storage.md): for the
+  ``triton`` processor a remote ``--model-repository``/``model_path`` is passed through to the
+  engine, which syncs it itself with the credentials in the environment it inherits; a shortcut
+  processor's ``model_path`` (and ``warm_up_data_path``) is fetched here first, before the
+  runtime's lock is taken. Both use one repository cache (``$ELASTISERVE_CACHE_DIR``, else
+  ``<state>/cache/repositories``, handed to instances as ``ELASTISERVE_CACHE_DIR``), so instances
+  on this machine download a location once.
 * **Custom instances** (``containers[0].command|script``) run through ``/bin/sh`` with the spec's
   ``env``. ``$PORT`` is a free port chosen per instance; a command that does not mention PORT
   listens on ``containers[0].port`` (so only one instance fits). Readiness is
@@ -70,6 +77,7 @@ from elastiserve.controlplane.runtimes.base import (
 from elastiserve.controlplane.spec import ServiceSpec
 from elastiserve.controlplane.store import Store
 from elastiserve.errors import AlreadyExists, ConfigError
+from elastiserve.storage import CACHE_DIR_ENV, RepositoryCache, is_remote, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +133,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def local_path(location: str, base: Path, what: str) -> Path:
-    """A local path from a spec location; remote ones are a clear error (for now)."""
+def local_path(location: str, base: Path, what: str, cache: RepositoryCache | None = None) -> Path:
+    """A local path from a spec location; a remote one (``s3://``, ``oss://``, an http(s) archive)
+    is synced through ``cache`` and the local copy returned (without a cache: a clear error)."""
     match = _SCHEME.match(location)
     if match:
         scheme = match.group(1).lower()
         if scheme != "file":
-            raise ConfigError(
-                f"{what} '{location}': {scheme}:// is not supported by the local runtime yet "
-                "(use a local path; object storage and http archives come later)"
-            )
+            uri = parse_uri(location)  # a malformed or unknown URI: a ConfigError that names it, redacted
+            if cache is None:
+                raise ConfigError(f"{what} '{uri.redacted}': {scheme}:// cannot be used here")
+            try:
+                return cache.sync(uri).path
+            except ConfigError as exc:
+                raise ConfigError(f"{what} {exc}") from None
         location = location[len("file://") :]
     path = Path(location).expanduser()
     if not path.is_absolute():
@@ -276,6 +288,9 @@ class LocalRuntime:
         self.host = host
         self.python = python
         self.base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+        self.cache = RepositoryCache(
+            os.environ.get(CACHE_DIR_ENV) or self.state_dir / "cache" / "repositories"
+        )
         self.tick = tick
         self.starting_probe_interval = starting_probe_interval
         self.running_probe_interval = running_probe_interval
@@ -301,6 +316,7 @@ class LocalRuntime:
         version: int,
         env: Mapping[str, str] | None = None,
     ) -> InstanceHandle:
+        fetched = self._fetch_remote(spec)  # downloads can be long: never under the lock
         with self._lock:
             previous = self._procs.get(instance_id)
             restarts = 0
@@ -321,7 +337,7 @@ class LocalRuntime:
                     f"insufficient resources in group 'default': {need.shortfall(free)}"
                 )
             gpus = self._allocate_gpus(need.gpu, exclude=instance_id)
-            launch = self._prepare(spec, instance_id, version, dict(env or {}), gpus)
+            launch = self._prepare(spec, instance_id, version, dict(env or {}), gpus, fetched)
             launch.probe["startup_timeout"] = float(spec.runtime.startup_timeout)
             log_path = self.state_dir / "logs" / spec.name / f"{instance_id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -465,26 +481,53 @@ class LocalRuntime:
 
     # -- preparing a launch ----------------------------------------------------------------------
 
+    def _fetch_remote(self, spec: ServiceSpec) -> dict[str, Path]:
+        """Local copies of the remote locations this runtime reads itself: a shortcut processor's
+        ``model_path`` and ``warm_up_data_path`` (a triton repository is the engine's to sync)."""
+        wanted = [spec.warm_up_data_path] if spec.warm_up_data_path else []
+        if spec.processor in SHORTCUTS and spec.model_path:
+            wanted.append(spec.model_path)
+        return {
+            location: local_path(location, self.base_dir, what, self.cache)
+            for location, what in (
+                (loc, "model_path" if loc == spec.model_path else "warm_up_data_path") for loc in wanted
+            )
+            if is_remote(location)
+        }
+
     def _prepare(
-        self, spec: ServiceSpec, instance_id: str, version: int, env: dict[str, str], gpus: list[int]
+        self,
+        spec: ServiceSpec,
+        instance_id: str,
+        version: int,
+        env: dict[str, str],
+        gpus: list[int],
+        fetched: Mapping[str, Path] | None = None,
     ) -> _Launch:
+        fetched = fetched or {}
         work = self.state_dir / "instances" / instance_id
         work.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full_env.setdefault(CACHE_DIR_ENV, str(self.cache.root))
         full_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         launch = (
             self._prepare_custom(spec, instance_id, work, full_env)
             if spec.is_custom
-            else self._prepare_engine(spec, work, full_env)
+            else self._prepare_engine(spec, work, full_env, fetched)
         )
         if spec.warm_up_data_path:
             source = spec.warm_up_data_path
-            requests = warmup.load_warmup(local_path(source, self.base_dir, "warm_up_data_path"), source)
+            requests = warmup.load_warmup(
+                fetched.get(source) or local_path(source, self.base_dir, "warm_up_data_path", self.cache),
+                source,
+            )
             warmup.save(requests, work / "warmup.json")
             launch.probe["warmup"] = str(work / "warmup.json")
         return launch
 
-    def _prepare_engine(self, spec: ServiceSpec, work: Path, env: dict[str, str]) -> _Launch:
+    def _prepare_engine(
+        self, spec: ServiceSpec, work: Path, env: dict[str, str], fetched: Mapping[str, Path] | None = None
+    ) -> _Launch:
         params: list[str] = []
         notes: list[str] = []
         repositories = 0
@@ -497,19 +540,30 @@ class LocalRuntime:
                 if not (flag == "--allow-http" and (value or "true").lower() in ("true", "1", "yes", "on")):
                     notes.append(f"{' '.join(given[i : i + used])} ignored: the runtime sets {flag} itself")
             elif flag in REPOSITORY_FLAGS and value is not None:
-                path = local_path(value, self.base_dir, "model repository")
+                # A remote repository goes to the engine as it is: the engine syncs it (and polls it).
+                path = (
+                    parse_uri(value).raw
+                    if is_remote(value)
+                    else local_path(value, self.base_dir, "model repository")
+                )
                 params.append(f"{flag}={path}")
                 repositories += 1
             else:
                 params.extend(given[i : i + used])
             i += used
         if spec.processor in SHORTCUTS:
-            repo = build_repository(spec, work / "repository", self.base_dir)
+            source = (fetched or {}).get(spec.model_path or "")
+            repo = build_repository(spec, work / "repository", self.base_dir, source, self.cache)
             params.append(f"--model-repository={repo}")
         elif repositories == 0:
             if spec.model_path is None:
                 raise ConfigError("processor_params: the triton processor needs --model-repository=...")
-            path = local_path(spec.model_path, self.base_dir, "model_path")
+            model_path = spec.model_path
+            path = (
+                parse_uri(model_path).raw
+                if is_remote(model_path)
+                else local_path(model_path, self.base_dir, "model_path")
+            )
             params.append(f"--model-repository={path}")
         if not any(p.startswith("--exit-timeout-secs") for p in params):
             params.append(f"--exit-timeout-secs={spec.metadata.eas.termination_grace_period}")
@@ -969,21 +1023,30 @@ def _tail(fh: Any, size: int, lines: int) -> bytes:
 # -- shortcut processors: a one-model repository from model_path --------------------------------------
 
 
-def build_repository(spec: ServiceSpec, dest: Path, base: Path) -> Path:
+def build_repository(
+    spec: ServiceSpec,
+    dest: Path,
+    base: Path,
+    source: Path | None = None,
+    cache: RepositoryCache | None = None,
+) -> Path:
     """Write ``dest/<model>/config.pbtxt`` + ``dest/<model>/1/<file>`` for a shortcut processor.
 
     The model is named after the service, so ``/api/predict/<service>`` finds it. ``model_path``
     may be the model file, a directory holding it (``model_entry`` names the file when the
     directory has several), or a ready Triton model directory (with ``config.pbtxt``), which is
-    used as it is. Files are symlinked, not copied.
+    used as it is. Files are symlinked, not copied. A remote ``model_path`` is read from its local
+    copy in the repository cache (``source`` when the caller fetched it already, else via ``cache``).
     """
     assert spec.processor in SHORTCUTS and spec.model_path is not None
     backend, default_file, model_type = SHORTCUTS[spec.processor]
-    source = local_path(spec.model_path, base, "model_path")
+    source = source or local_path(spec.model_path, base, "model_path", cache)
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     if source.is_dir() and (source / "config.pbtxt").is_file():
-        (dest / source.name).symlink_to(source, target_is_directory=True)
+        # A remote copy's folder is the cache's 'current': the model is named after the URI instead.
+        name = parse_uri(spec.model_path).basename if is_remote(spec.model_path) else source.name
+        (dest / name).symlink_to(source, target_is_directory=True)
         return dest
     version_dir = dest / spec.name / "1"
     version_dir.mkdir(parents=True)

@@ -19,9 +19,12 @@ clear error and is restarted; workers exit with the engine (a lifeline pipe they
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import itertools
 import logging
 import os
+import queue
 import re
 import signal
 import socket
@@ -48,7 +51,7 @@ from elastiserve.engine.backends.python_worker import (
     result_to_pb_response,
     unpack_results,
 )
-from elastiserve.errors import ConfigError, ElastiserveError, Internal, Unavailable, Unsupported
+from elastiserve.errors import ConfigError, ElastiserveError, Internal, Unavailable
 from elastiserve.types import InferRequest, InferResponse
 
 if TYPE_CHECKING:
@@ -217,6 +220,23 @@ class EngineBridge:
 
 # -- in-process instances -----------------------------------------------------------------------
 
+# BLS bridges of live in-process instances: the newest is pb_utils' default (used by threads
+# models start). When the last instance closes there is none, so pb_utils says BLS is not
+# available instead of calling into a server that is gone.
+_LIVE_BRIDGES: list[EngineBridge] = []
+
+
+def _open_default_bridge(bridge: EngineBridge) -> None:
+    _LIVE_BRIDGES.append(bridge)
+    pb._set_default_bridge(bridge)
+
+
+def _close_default_bridge(bridge: EngineBridge) -> None:
+    if bridge in _LIVE_BRIDGES:
+        _LIVE_BRIDGES.remove(bridge)
+        pb._set_default_bridge(_LIVE_BRIDGES[-1] if _LIVE_BRIDGES else None)
+
+
 
 class InProcessInstance:
     """``model.py`` imported into the engine process; ``execute`` is a direct call."""
@@ -230,14 +250,19 @@ class InProcessInstance:
         self.name = spec.instance_name
         self._lock = threading.Lock()
         self._closed = False
-        bridge = EngineBridge(context.server, context.extra.get("loop"))
+        bridge = self._bridge = EngineBridge(context.server, context.extra.get("loop"))
         if context.server is not None:
-            pb._set_default_bridge(bridge)  # for threads the model starts itself
-        self.runner = ModelRunner(spec, bridge=bridge)
+            _open_default_bridge(bridge)  # for threads the model starts itself
+        try:
+            self.runner = ModelRunner(spec, bridge=bridge)
+        except BaseException:
+            _close_default_bridge(bridge)
+            raise
         try:
             self.runner.initialize()
         except BaseException:
             self.runner._unload()
+            _close_default_bridge(bridge)
             raise
         # Never run these on the event loop: BLS waits for the loop (deadlock), and an async
         # execute runs its own loop. Detected from the source, so it may err towards a thread.
@@ -252,6 +277,16 @@ class InProcessInstance:
                 return [Unavailable(f"python model instance '{self.name}' is unloaded")] * len(requests)
             return self.runner.execute(requests)
 
+    def execute_decoupled(self, requests: list[InferRequest], streams: list[Any]) -> bool:
+        """Decoupled models: responses go to ``streams`` through the requests' response senders,
+        from this thread or any the model starts; returns when ``execute`` returns."""
+        with self._lock:
+            if self._closed:
+                for stream in streams:
+                    stream.put(Unavailable(f"python model instance '{self.name}' is unloaded"), True)
+                return False
+            return self.runner.execute_decoupled(requests, streams)
+
     def close(self) -> None:
         """Calls the model's ``finalize()`` (errors are logged: unloading goes on)."""
         with self._lock:
@@ -259,6 +294,7 @@ class InProcessInstance:
                 return
             self._closed = True
             error = self.runner.finalize()
+            _close_default_bridge(self._bridge)
         if error:
             log.warning("finalize() of python model instance '%s' failed: %s", self.name, error)
 
@@ -312,6 +348,10 @@ class _Worker:
         self.pid = self.process.pid
         self.channel = Channel(parent_sock)
         self._closed = False
+        self._send_lock = threading.Lock()
+        # Decoupled models: a reader thread owns the socket and queues replies here.
+        self._replies: queue.SimpleQueue[Any] | None = None
+        self._reader: threading.Thread | None = None
 
     def start(self, spec: RunnerSpec) -> None:
         """Load and initialize the model in the worker; raises Internal if that fails."""
@@ -325,15 +365,68 @@ class _Worker:
             self.kill()
             raise Internal(str(payload))
 
-    def call(self, message: tuple[Any, ...], timeout: float | None = None) -> Any:
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Send one message (several threads may send when a reader thread is running)."""
         try:
-            self.channel.send(message)
-        except ChannelClosed as exc:
+            with self._send_lock:
+                self.channel.send(message)
+        except (ChannelClosed, OSError) as exc:
             raise WorkerDied(self.exit_description()) from exc
+
+    def call(self, message: tuple[Any, ...], timeout: float | None = None) -> Any:
+        self.send(message)
         return self.wait_reply(timeout)[1]
+
+    def start_reader(self, on_response: Any, on_death: Any) -> None:
+        """Decoupled models: a thread reads every message from now on. Streamed responses go to
+        ``on_response(token, result, final)`` as they arrive (also between executes), BLS calls
+        are relayed on their own threads, replies are queued for :meth:`wait_reply`;
+        ``on_death(description)`` runs once if the worker goes away."""
+        self._replies = queue.SimpleQueue()
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(on_response, on_death), name=f"python-worker-{self.pid}", daemon=True
+        )
+        self._reader.start()
+
+    def _read_loop(self, on_response: Any, on_death: Any) -> None:
+        replies = self._replies
+        assert replies is not None
+        try:
+            while True:
+                if not self.channel.poll(0.5):
+                    if self.process.poll() is not None:
+                        break
+                    continue
+                message = self.channel.recv()
+                kind = message[0]
+                if kind == "response":
+                    _, token, packed, final, metric_ops = message
+                    if metric_ops:
+                        pb._METRICS.apply_ops(metric_ops)
+                    result = None if packed is None else unpack_results([packed])[0]
+                    on_response(token, result, final)
+                elif kind == "bls":
+                    threading.Thread(target=self._relay_bls, args=(message,), daemon=True).start()
+                else:
+                    replies.put(message)
+        except (ChannelClosed, OSError, EOFError):
+            pass
+        except Exception:
+            log.exception("python worker %s: reading its messages failed", self.pid)
+        description = f"(pid {self.pid}) closed its channel" if self._closed else self.exit_description()
+        replies.put(WorkerDied(description))
+        on_death(description)
+
+    def _relay_bls(self, message: tuple[Any, ...]) -> None:
+        _, request, timeout, call_id = message
+        result = self.bridge.run(request, timeout)
+        with contextlib.suppress(WorkerDied):
+            self.send(("bls_result", result, call_id))
 
     def wait_reply(self, timeout: float | None = None) -> tuple[str, Any]:
         """The worker's next reply, relaying its BLS calls meanwhile; WorkerDied if it exits."""
+        if self._replies is not None:
+            return self._queued_reply(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
@@ -357,6 +450,21 @@ class _Worker:
                 pb._METRICS.apply_ops(metric_ops)
             return kind, payload
 
+    def _queued_reply(self, timeout: float | None) -> tuple[str, Any]:
+        replies = self._replies
+        assert replies is not None
+        try:
+            message = replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no reply from python worker {self.pid} after {timeout}s") from None
+        if isinstance(message, WorkerDied):
+            replies.put(message)  # every later call fails the same way
+            raise message
+        kind, payload, metric_ops = message
+        if metric_ops:
+            pb._METRICS.apply_ops(metric_ops)
+        return kind, payload
+
     def exit_description(self) -> str:
         try:
             code = self.process.wait(timeout=2.0)
@@ -375,7 +483,7 @@ class _Worker:
         if self.process.poll() is None:
             try:
                 error = self.call(("finalize",), timeout=finalize_timeout)
-                self.channel.send(("exit",))
+                self.send(("exit",))
             except (WorkerDied, TimeoutError, ChannelClosed) as exc:
                 error = f"worker {exc}"
         self._release(grace=5.0)
@@ -390,6 +498,12 @@ class _Worker:
         if self._closed:
             return
         self._closed = True
+        if self._reader is not None:
+            # Wake the reader (a plain close would not interrupt its poll) and let it finish.
+            with contextlib.suppress(OSError):
+                self.channel.sock.shutdown(socket.SHUT_RDWR)
+            if self._reader is not threading.current_thread():
+                self._reader.join(timeout=5.0)
         self.channel.close()
         try:
             self.process.wait(timeout=grace)
@@ -519,6 +633,84 @@ class ProcessInstance:
             self._lock.release()
 
 
+class DecoupledProcessInstance(ProcessInstance):
+    """A decoupled model in a worker process. A reader thread owns the worker's socket:
+    responses stream back to their requests' streams as the model sends them (also after
+    ``execute`` returned, from threads the model started), and a client that goes away is
+    told to the worker at once (``request.is_cancelled()``)."""
+
+    def __init__(self, context: ModelContext, spec: RunnerSpec) -> None:
+        self._streams: dict[int, tuple[_Worker, Any]] = {}  # token -> (worker, stream)
+        self._tokens = itertools.count()
+        super().__init__(context, spec)
+
+    def _start(self) -> _Worker:
+        worker = super()._start()
+        worker.start_reader(self._on_response, lambda description: self._on_death(worker, description))
+        return worker
+
+    def _on_response(self, token: int, result: Any, final: bool) -> None:
+        entry = self._streams.pop(token, None) if final else self._streams.get(token)
+        if entry is not None:
+            entry[1].put(result, final)
+
+    def _on_death(self, worker: _Worker, description: str) -> None:
+        """The open streams of a worker that went away end with an error (the model is gone)."""
+        state = "the model is unloading" if self._closing else "it is being restarted"
+        error = Internal(f"python model instance '{self.name}' worker process {description}; {state}")
+        for token, (owner, stream) in list(self._streams.items()):
+            if owner is worker and self._streams.pop(token, None) is not None:
+                stream.put(error, True)
+
+    def execute(self, requests: list[InferRequest]) -> ExecuteResult:
+        error = Internal(f"model '{self.spec.model_name}' is decoupled: it answers through response streams")
+        return [error] * len(requests)
+
+    def execute_decoupled(self, requests: list[InferRequest], streams: list[Any]) -> bool:
+        with self._lock:
+            worker = self._worker
+            if worker is None:
+                restarted = self._restart_locked()
+                if isinstance(restarted, ElastiserveError):
+                    for stream in streams:
+                        stream.put(restarted, True)
+                    return False
+                worker = restarted
+            try:
+                packed = pack_requests(requests)
+            except (TypeError, ValueError) as exc:
+                error = Internal(f"cannot send requests to python model instance '{self.name}': {exc}")
+                for stream in streams:
+                    stream.put(error, True)
+                return False
+            tokens = []
+            for stream in streams:
+                token = next(self._tokens)
+                tokens.append(token)
+                self._streams[token] = (worker, stream)
+                stream.add_cancel_callback(self._canceller(worker, token))
+            try:
+                return bool(worker.call(("execute", packed, tokens)))
+            except WorkerDied as exc:
+                self._worker = None
+                worker.kill()
+                self._on_death(worker, str(exc))
+                log.error("python model instance '%s' worker process %s during a decoupled execute", self.name, exc)
+                if not self._closing:
+                    threading.Thread(
+                        target=self._background_restart, name=f"restart-{self.name}", daemon=True
+                    ).start()
+                return False
+
+    def _canceller(self, worker: _Worker, token: int) -> Any:
+        def cancel() -> None:  # on the loop: the client went away
+            if self._streams.pop(token, None) is not None:
+                with contextlib.suppress(WorkerDied):
+                    worker.send(("cancel", token))
+
+        return cancel
+
+
 # -- the backend --------------------------------------------------------------------------------
 
 
@@ -580,11 +772,6 @@ class PythonBackend:
 
     def create_instance(self, context: ModelContext) -> ModelInstance:
         config = context.config
-        if config.model_transaction_policy.decoupled:
-            raise Unsupported(
-                f"model '{context.name}' is decoupled (model_transaction_policy {{ decoupled: true }}): "
-                "decoupled models not supported yet by elastiserve's python backend"
-            )
         model_file = context.model_file(self.default_model_filename)
         if not model_file.is_file():
             raise ConfigError(
@@ -608,8 +795,11 @@ class PythonBackend:
             instance_name=instance_name,
             args=args,
             output_names=[o.name for o in config.output],
+            decoupled=config.model_transaction_policy.decoupled,
         )
         if execution_mode(config) == "process":
+            if spec.decoupled:
+                return DecoupledProcessInstance(context, spec)
             return ProcessInstance(context, spec)
         return InProcessInstance(context, spec)
 

@@ -238,6 +238,7 @@ class RunnerSpec:
     instance_name: str
     args: dict[str, str]  # initialize(args), Triton's keys
     output_names: list[str]  # requested outputs when a request names none (Triton's default)
+    decoupled: bool = False  # model_transaction_policy { decoupled: true }: responses via senders
 
 
 _module_ids = itertools.count()
@@ -345,6 +346,45 @@ class ModelRunner:
         name = self.spec.model_name
         return [from_pb_response(r, q, name, self.version) for r, q in zip(responses, requests, strict=True)]
 
+    def execute_decoupled(self, requests: list[InferRequest], sinks: list[Any]) -> bool:
+        """Decoupled ``execute``: each request gets a ``get_response_sender()`` that forwards to
+        its sink (``sink.put(result_or_None, final)``, ``sink.cancelled``), from any thread, also
+        after ``execute`` returned. ``execute`` must return None; if it raises or returns
+        something else, requests whose sender is still open get that error as final response.
+        Returns whether ``execute`` succeeded."""
+        name = self.spec.model_name
+        pb_requests = []
+        senders = []
+        for req, sink in zip(requests, sinks, strict=True):
+            try:
+                pb_request = to_pb_request(req, self.spec.output_names)
+            except ElastiserveError as exc:
+                sink.put(exc, True)
+                continue
+            sender = pb.InferenceResponseSender(_emitter(req, sink, name, self.version), _cancelled(sink))
+            pb_request._response_sender = sender
+            pb_requests.append(pb_request)
+            senders.append(sender)
+        if not pb_requests:
+            return False
+        instance = self.spec.instance_name
+        try:
+            returned = self._call(self.model.execute, pb_requests)
+        except (Exception, SystemExit) as exc:
+            log.warning("execute() of %s raised", instance, exc_info=True)
+            error: ElastiserveError | None = self._failure(describe_exception(exc, self.spec.model_file))
+        else:
+            error = None
+            if returned is not None:
+                error = Internal(
+                    f"Failed to process the request(s) for model '{instance}', message: Python model "
+                    f"'{instance}' is using the decoupled mode and the execute function must return None."
+                )
+        if error is not None:
+            for sender in senders:
+                sender._fail(error)
+        return error is None
+
     def _failure(self, message: str) -> Internal:
         return Internal(
             f"Failed to process the request(s) for model instance '{self.spec.instance_name}', "
@@ -369,6 +409,19 @@ class ModelRunner:
 
     def _unload(self) -> None:
         sys.modules.pop(self.module.__name__, None)
+
+
+def _emitter(req: InferRequest, sink: Any, model_name: str, version: str) -> Any:
+    """``emit(pb_response_or_None, final)`` for a response sender: converts and hands to the sink."""
+
+    def emit(response: Any, final: bool) -> None:
+        sink.put(None if response is None else from_pb_response(response, req, model_name, version), final)
+
+    return emit
+
+
+def _cancelled(sink: Any) -> Any:
+    return lambda: sink.cancelled
 
 
 # -- IPC ----------------------------------------------------------------------------------------
@@ -564,6 +617,112 @@ class _IPCBridge:
         return await asyncio.get_running_loop().run_in_executor(None, self.infer, request, None)
 
 
+class _IPCSink:
+    """Worker side of a decoupled request's stream: each response goes to the engine at once,
+    tagged with the request's token; ``cancelled`` is set when the engine says the client left."""
+
+    __slots__ = ("cancelled_tokens", "send", "token")
+
+    def __init__(self, send: Any, token: int, cancelled_tokens: set[int]) -> None:
+        self.send = send
+        self.token = token
+        self.cancelled_tokens = cancelled_tokens
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token in self.cancelled_tokens
+
+    def put(self, result: InferResponse | ElastiserveError | None, final: bool) -> None:
+        packed = None if result is None else pack_results([result])[0]
+        try:
+            self.send(("response", self.token, packed, final, pb._METRICS.drain_ops()))
+        except (pickle.PicklingError, TypeError, AttributeError, ValueError) as exc:
+            failure = Internal(f"cannot send a response of request token {self.token}: {exc}")
+            self.send(("response", self.token, failure, final, pb._METRICS.drain_ops()))
+        if final:
+            self.cancelled_tokens.discard(self.token)
+
+
+class _DemuxIPCBridge:
+    """BLS from any thread of a decoupled worker: calls are numbered and their answers routed
+    back by the worker's reader (the main thread), so model threads may call BLS concurrently,
+    also after ``execute`` returned."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.ids = itertools.count()
+        self.pending: dict[int, list[Any]] = {}
+        self.lock = threading.Lock()
+
+    def infer(self, request: Any, timeout: float | None) -> Any:
+        req = pb_request_to_infer_request(request)
+        call_id = next(self.ids)
+        slot: list[Any] = [threading.Event(), None]
+        with self.lock:
+            self.pending[call_id] = slot
+        self.send(("bls", req, timeout, call_id))
+        slot[0].wait()
+        return result_to_pb_response(slot[1])
+
+    async def async_infer(self, request: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, self.infer, request, None)
+
+    def deliver(self, call_id: int, result: Any) -> None:
+        with self.lock:
+            slot = self.pending.pop(call_id, None)
+        if slot is not None:
+            slot[1] = result
+            slot[0].set()
+
+
+def _serve_decoupled(channel: Channel, runner: ModelRunner) -> int:
+    """The worker loop of a decoupled model. The main thread only reads the channel (so cancel
+    notices and BLS answers arrive while ``execute`` runs); one thread runs ``execute`` and
+    ``finalize`` in order; any thread may send (one lock keeps messages whole)."""
+    import queue
+
+    metrics = pb._METRICS
+    send_lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with send_lock:
+            channel.send(message)
+
+    cancelled: set[int] = set()
+    bridge = _DemuxIPCBridge(send)
+    pb._set_default_bridge(bridge)
+    runner.bridge = bridge
+    work: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    def run_work() -> None:
+        while True:
+            item = work.get()
+            if item[0] == "execute":
+                _, packed, tokens = item
+                sinks = [_IPCSink(send, token, cancelled) for token in tokens]
+                ok = runner.execute_decoupled(unpack_requests(packed), sinks)
+                send(("result", ok, metrics.drain_ops()))
+            elif item[0] == "finalize":
+                send(("finalized", runner.finalize(), metrics.drain_ops()))
+                return
+
+    threading.Thread(target=run_work, name="model-execute", daemon=True).start()
+    while True:
+        try:
+            message = channel.recv()
+        except ChannelClosed:
+            return 0
+        kind = message[0]
+        if kind == "cancel":
+            cancelled.add(message[1])
+        elif kind == "bls_result":
+            bridge.deliver(message[2], message[1])
+        elif kind in ("execute", "finalize"):
+            work.put(message)
+        elif kind == "exit":
+            return 0
+
+
 def _watch_lifeline(fd: int, parent_pid: int) -> None:
     """Exit as soon as the engine is gone: EOF on the lifeline pipe (the engine holds the only
     write end), or, as a fallback, being re-parented."""
@@ -601,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         channel.send(("init_error", exc.message, metrics.drain_ops()))
         return 1
     channel.send(("ready", None, metrics.drain_ops()))
+    if spec.decoupled:
+        return _serve_decoupled(channel, runner)
     while True:
         try:
             message = channel.recv()

@@ -32,9 +32,11 @@ from elastiserve.engine.frontends.grpc_transport import (
     CoreTransport,
     CoreUnavailable,
     Handler,
+    StreamCall,
     grpc_address,
 )
-from elastiserve.errors import Internal, InvalidArgument, NotFound, Unsupported
+from elastiserve.engine.streaming import DecoupledUnary, ResponseStream
+from elastiserve.errors import ElastiserveError, Internal, InvalidArgument, NotFound, Unsupported
 
 log = logging.getLogger("elastiserve.engine.grpc")
 
@@ -42,9 +44,10 @@ SERVICE = "inference.GRPCInferenceService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 TRANSPORT_ENV = "ELASTISERVE_GRPC_TRANSPORT"
 
-_STREAM_UNSUPPORTED = (
-    "ModelStreamInfer is not supported by this server yet (decoupled models); use ModelInfer"
-)
+# Request parameter asking for an empty response that carries only the FINAL flag (tritonclient's
+# ``enable_empty_final_response``); every streamed response says whether it is the final one.
+_EMPTY_FINAL = "triton_enable_empty_final_response"
+_FINAL_FLAG = "triton_final_response"
 _SHM_UNSUPPORTED = "shared memory is not supported by this server; send tensors in the request"
 
 _INT32_MAX = (1 << 31) - 1  # channel arguments are C ints
@@ -108,7 +111,8 @@ async def start_grpc_server(
     loop = asyncio.get_running_loop()
     servicer = InferenceServicer(dataplane)
     handlers = servicer.handlers()
-    unimplemented = {f"/{SERVICE}/ModelStreamInfer": _STREAM_UNSUPPORTED}
+    stream_handlers = {f"/{SERVICE}/ModelStreamInfer": servicer.model_stream_infer}
+    unimplemented: dict[str, str] = {}
     options = server_options(max_message_bytes)
     name = (transport or os.environ.get(TRANSPORT_ENV) or "core").lower()
     if name not in ("core", "aio"):
@@ -116,12 +120,12 @@ async def start_grpc_server(
     server: CoreTransport | AioTransport
     if name == "core":
         try:
-            server = CoreTransport(loop, handlers, unimplemented, options)
+            server = CoreTransport(loop, handlers, unimplemented, options, stream_handlers)
         except CoreUnavailable as exc:
             log.warning("gRPC core transport unavailable (%s); using grpc.aio", exc)
             name = "aio"
     if name == "aio":
-        server = AioTransport(loop, handlers, unimplemented, options)
+        server = AioTransport(loop, handlers, unimplemented, options, stream_handlers)
     bound = server.bind(grpc_address(host, port))
     started = server.start()
     if started is not None:
@@ -191,8 +195,91 @@ class InferenceServicer:
     # -- inference (bytes in, bytes out: the hot path) -------------------------------------------
     async def model_infer(self, data: bytes) -> bytes:
         request = decode_infer_request(data)
-        response = await self.dataplane.infer(request)
+        try:
+            response = await self.dataplane.infer(request)
+        except DecoupledUnary:
+            raise Unsupported(DecoupledUnary.GRPC_MESSAGE) from None
         return encode_infer_response(response)
+
+    # -- streaming (ModelStreamInfer) ---------------------------------------------------------------
+    async def model_stream_infer(self, call: StreamCall) -> None:
+        """Triton's bidirectional stream: each request runs concurrently with the others; each of
+        its responses is sent as it comes (any number for decoupled models, one otherwise), errors
+        travel in ``error_message`` and the stream goes on. After the client half-closes, the call
+        ends once every request has sent its final response; a client that cancels or goes away
+        cancels the requests still running (``request.is_cancelled()`` in the model)."""
+        streams: set[ResponseStream] = set()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def cancel_all() -> None:
+            for stream in list(streams):
+                stream.cancel()
+
+        call.add_cancel_callback(cancel_all)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await call.read()
+                if data is None:
+                    break
+                # Started right here (the model's thread gets it now); a task follows it to the end.
+                started = self._start_one(call, data)
+                if started is None:
+                    continue
+                streams.add(started[0])
+                task = loop.create_task(self._finish_one(*started, streams))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks and not call.cancelled:
+                await asyncio.wait(set(tasks))
+        finally:
+            if tasks:
+                cancel_all()
+                for task in tasks:
+                    task.cancel()
+
+    def _start_one(self, call: StreamCall, data: bytes) -> tuple[ResponseStream, Any] | None:
+        """Decode and start one streamed request; its responses go to ``call`` through the
+        returned sender. Requests that fail to start are answered with an error at once."""
+        try:
+            request = decode_infer_request(data)
+            params = request.parameters
+            empty_final = bool(params.pop(_EMPTY_FINAL, False)) if params else False
+            stream = self.dataplane.infer_stream(request)
+        except ElastiserveError as exc:
+            call.write(_stream_error(exc.message))
+            return None
+        model_name, request_id = request.model_name, request.id
+
+        def send(result: Any, final: bool) -> None:
+            try:
+                if result is None:
+                    if empty_final:
+                        call.write(_empty_final(model_name, request_id))
+                elif isinstance(result, ElastiserveError):
+                    call.write(_stream_error(result.message))
+                else:
+                    result.parameters[_FINAL_FLAG] = final
+                    call.write(_stream_response(encode_infer_response(result)))
+            except ElastiserveError as exc:
+                call.write(_stream_error(exc.message))
+            except Exception as exc:  # a server bug: this response fails, the stream goes on
+                log.exception("ModelStreamInfer: encoding a response failed")
+                call.write(_stream_error(f"{type(exc).__name__}: {exc}"))
+
+        if getattr(call, "threadsafe", False):
+            # Responses go on the wire from the thread that produced them: no hop to the loop on
+            # the way out (measured: bench/streaming_vs_triton.py, docs/streaming.md).
+            stream.deliver_directly(send)
+        return stream, send
+
+    @staticmethod
+    async def _finish_one(stream: ResponseStream, send: Any, streams: set[ResponseStream]) -> None:
+        try:
+            async for result, final in stream:  # nothing to iterate when delivered directly
+                send(result, final)
+        finally:
+            streams.discard(stream)
 
     # -- health and metadata -------------------------------------------------------------------
     def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
@@ -330,6 +417,32 @@ class InferenceServicer:
     def shm_unregister(response_type: type[Message]) -> Callable[[Any], Message]:
         """Unregistering succeeds: nothing is ever registered (tritonclient cleans up this way)."""
         return lambda request: response_type()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _stream_response(infer_response: bytes) -> bytes:
+    """A ``ModelStreamInferResponse`` around an already serialized ``ModelInferResponse``
+    (field 2, length-delimited): no second parse and serialize of the tensors."""
+    return b"\x12" + _varint(len(infer_response)) + infer_response
+
+
+def _stream_error(message: str) -> bytes:
+    return pb.ModelStreamInferResponse(error_message=message).SerializeToString()
+
+
+def _empty_final(model_name: str, request_id: str) -> bytes:
+    """Triton's empty final response: no outputs, no model version, ``triton_final_response``."""
+    response = pb.ModelInferResponse(model_name=model_name, id=request_id)
+    response.parameters[_FINAL_FLAG].bool_param = True
+    return _stream_response(response.SerializeToString())
 
 
 def _no_repository_name(name: str) -> None:

@@ -30,7 +30,7 @@ import contextlib
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httptools
@@ -42,6 +42,7 @@ __all__ = [
     "HttpRequest",
     "HttpServerHandle",
     "Response",
+    "StreamingResponse",
     "error_response",
     "json_response",
     "start_plain_http_server",
@@ -130,6 +131,23 @@ class Response:
         self.close = close
 
 
+class StreamingResponse:
+    """A response written as it is produced, with chunked transfer encoding (server-sent events).
+
+    ``body`` is an async iterator of byte chunks. The head goes out with the first chunk (or at
+    the end if there is none), so the iterator may still set ``status`` and ``headers`` before
+    yielding it. When the client goes away, the writer is cancelled and ``body.aclose()`` runs:
+    that is where the work behind the stream learns to stop. Other requests pipelined on the
+    connection wait until the stream ends."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, body: AsyncIterator[bytes], status: int = 200, headers: bytes = b"") -> None:
+        self.body = body
+        self.status = status
+        self.headers = headers
+
+
 def json_response(status: int, obj: Any, headers: bytes = b"") -> Response:
     """A JSON body (numpy arrays and scalars allowed, as registries may hand them over)."""
     return Response(status, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), CONTENT_TYPE_JSON + headers)
@@ -175,6 +193,8 @@ class _HttpProtocol(asyncio.Protocol):
         self._in_message = False
         self._current: HttpRequest | None = None
         self._task: asyncio.Task[Response] | None = None
+        self._stream_task: asyncio.Task[bool] | None = None  # writing a StreamingResponse
+        self._drain: asyncio.Future[None] | None = None  # a stream waiting for write space
         self.activity = 0  # bumped on every read; the idle sweep compares it
         self.swept_activity = -1
         # per-message state
@@ -192,6 +212,9 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._queue.clear()
+        if self._stream_task is not None:
+            self._stream_task.cancel()  # the client went away mid-stream: stop the work behind it
+        self._wake_drain()
         state = self._state
         state.connections.discard(self)
         if state.closing and not state.connections and state.all_closed is not None:
@@ -202,8 +225,14 @@ class _HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._wake_drain()
         if not self._busy:
             self._next()
+
+    def _wake_drain(self) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self.activity += 1
@@ -335,6 +364,9 @@ class _HttpProtocol(asyncio.Protocol):
                 if result.__class__ is Response:
                     self._send(item, result)  # type: ignore[arg-type]
                     continue
+                if result.__class__ is StreamingResponse:
+                    self._start_stream(item, result)  # type: ignore[arg-type]
+                    continue
                 try:
                     task = self._loop.create_task(result)  # type: ignore[arg-type]
                 except TypeError:  # an awaitable that is not a coroutine, or not awaitable at all
@@ -366,6 +398,9 @@ class _HttpProtocol(asyncio.Protocol):
             exc = task.exception()
             if exc is None:
                 response = task.result()
+                if response.__class__ is StreamingResponse and request is not None and not self._closed:
+                    self._start_stream(request, response)  # type: ignore[arg-type]
+                    return
                 if response.__class__ is not Response:
                     response = _internal_error(TypeError(f"handler returned {type(response).__name__}"))
             else:
@@ -418,6 +453,77 @@ class _HttpProtocol(asyncio.Protocol):
             self._queue.clear()
             transport.close()
 
+    # -- streamed responses ----------------------------------------------------------------------
+    def _start_stream(self, request: HttpRequest, response: StreamingResponse) -> None:
+        self._busy = True
+        self._current = request
+        task = self._loop.create_task(self._write_stream(request, response))
+        self._stream_task = task
+        task.add_done_callback(self._stream_done)
+
+    async def _write_stream(self, request: HttpRequest, response: StreamingResponse) -> bool:
+        """Write ``response`` as it is produced; returns whether the connection stays open."""
+        body = response.body
+        chunked = request.http_version != "1.0"  # HTTP/1.0: no chunks, the end is the close
+        keep_alive = chunked and request.keep_alive and not self._state.closing
+        try:
+            try:
+                first = await anext(body, None)
+            except Exception as exc:  # failed before anything was written: a normal error answer
+                self._send(request, _internal_error(exc))
+                return not self._closed
+            head = b"%s%s%s%s\r\n" % (
+                _status_line(response.status),
+                response.headers,
+                b"transfer-encoding: chunked\r\n" if chunked else b"",
+                b"" if keep_alive else b"connection: close\r\n",
+            )
+            self._write(head)
+            if first is not None:
+                await self._write_chunk(first, chunked)
+                async for chunk in body:
+                    if self._closed:
+                        return False
+                    await self._write_chunk(chunk, chunked)
+            if chunked:
+                self._write(b"0\r\n\r\n")
+            return keep_alive
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed and self._transport is not None:
+            self._transport.write(data)
+
+    async def _write_chunk(self, chunk: bytes, chunked: bool) -> None:
+        if not chunk:
+            return  # an empty chunk would end the body
+        self._write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+        if self._write_paused and not self._closed:
+            self._drain = self._loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def _stream_done(self, task: asyncio.Task[bool]) -> None:
+        self._stream_task = None
+        self._busy = False
+        self._current = None
+        keep = not task.cancelled() and task.exception() is None and task.result()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("HTTP streamed response failed", exc_info=task.exception())
+        if not keep:
+            # Mid-stream failure or no keep-alive: the only way to end the response is to close.
+            if not self._closed and self._transport is not None:
+                self._closed = self._stop_reading = True
+                self._queue.clear()
+                self._transport.close()
+            return
+        self._next()
+
     # -- server-side control ---------------------------------------------------------------------
     @property
     def idle(self) -> bool:
@@ -431,6 +537,8 @@ class _HttpProtocol(asyncio.Protocol):
         """Drop the connection; a request still running is cancelled (the server is going away)."""
         if self._task is not None:
             self._task.cancel()
+        if self._stream_task is not None:
+            self._stream_task.cancel()
         if self._transport is not None:
             self._transport.abort()
 

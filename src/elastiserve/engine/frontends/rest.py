@@ -18,7 +18,7 @@ import binascii
 import logging
 import struct
 import zlib
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -30,11 +30,13 @@ from elastiserve.engine.frontends.http_server import (
     HttpRequest,
     HttpServerHandle,
     Response,
+    StreamingResponse,
     error_response,
     json_response,
     start_plain_http_server,
     start_server,
 )
+from elastiserve.engine.streaming import DecoupledUnary, ResponseStream
 from elastiserve.errors import (
     ElastiserveError,
     InvalidArgument,
@@ -189,7 +191,7 @@ class RestApp:
         if kind in ("generate", "generate_stream"):
             if method != "POST":
                 return _NOT_ALLOWED
-            return _error(Unsupported(f"the '{kind}' extension is not supported by this server"))
+            return self._generate(request, name, version, kind == "generate_stream")
         return _NOT_FOUND
 
     # -- inference ------------------------------------------------------------------------------
@@ -213,8 +215,46 @@ class RestApp:
         try:
             response = await self.dataplane.infer(infer_request)
             return encode_infer_response(response, binary_default, binary_outputs, accept_encoding)
+        except DecoupledUnary:
+            return _error(Unsupported(DecoupledUnary.HTTP_MESSAGE))
         except ElastiserveError as exc:
             return _error(exc)
+
+    # -- generate extension (Triton's /generate and /generate_stream) -------------------------------
+    def _generate(
+        self, request: HttpRequest, model: str, version: str, stream: bool
+    ) -> Response | StreamingResponse | Awaitable[Response]:
+        """Triton's generate extension: JSON keys that name inputs become tensors shaped by the
+        config, other keys (and ``parameters``) become request parameters; each response is the
+        outputs as plain JSON values. ``generate_stream`` answers server-sent events, one per
+        response, as the model sends them; a client that goes away cancels the request."""
+        try:
+            infer_request = self._parse_generate(request, model, version)
+            responses = self.dataplane.infer_stream(infer_request)
+        except ElastiserveError as exc:
+            return _error(exc)
+        if not stream:
+            return _generate_once(responses)
+        out = StreamingResponse(None, 200, _CONTENT_TYPE_SSE)  # type: ignore[arg-type]
+        out.body = _server_sent_events(responses, out)  # it sets the status from the first response
+        return out
+
+    def _parse_generate(self, request: HttpRequest, model: str, version: str) -> InferRequest:
+        obj = _json_body(request, "request")
+        if obj is None:
+            raise InvalidArgument("failed to parse the request JSON buffer: the body is empty")
+        declared = {spec["name"]: spec for spec in self.dataplane.model_metadata(model, version)["inputs"]}
+        parameters: dict[str, Any] = {}
+        inputs: list[InferTensor] = []
+        for key, value in obj.items():
+            spec = declared.get(key)
+            if spec is not None:
+                inputs.append(_generate_input(spec, value, model))
+            elif key == "parameters" and value.__class__ is dict:
+                parameters.update(value)
+            else:
+                parameters[key] = value
+        return InferRequest(model, inputs, version, "", [], parameters)
 
     def _parse_infer(
         self, request: HttpRequest, model: str, version: str
@@ -698,6 +738,95 @@ def _fill_dims(dims: list[int], count: int, name: str, model: str) -> list[int]:
             f"do not fit shape {dims}"
         )
     return shape
+
+
+# -- generate extension -----------------------------------------------------------------------------
+_CONTENT_TYPE_SSE = b"content-type: text/event-stream; charset=utf-8\r\n"
+_GENERATE_ONE = (
+    "generate expects model to produce exactly 1 response, use generate stream for model that "
+    "generates various number of responses"
+)
+
+
+def _generate_input(spec: dict[str, Any], value: Any, model: str) -> InferTensor:
+    """A generate-extension JSON value (scalar or nested list) -> a tensor shaped by the config."""
+    name = spec["name"]
+    datatype = spec["datatype"]
+    values = _flatten(value) if value.__class__ is list else [value]
+    shape = _fill_dims([int(d) for d in spec["shape"]], len(values), name, model)
+    if datatype == "BYTES":
+        data = np.empty(len(values), dtype=np.object_)
+        for i, element in enumerate(values):
+            if element.__class__ is not str:
+                raise InvalidArgument(
+                    f"Unable to parse '{name}' for model '{model}': BYTES values must be JSON strings"
+                )
+            data[i] = element.encode()
+    else:
+        try:
+            data = np.array(values, dtype=DATATYPE_TO_NUMPY[datatype])
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidArgument(f"Unable to parse '{name}' for model '{model}' as {datatype}: {exc}") from None
+    return InferTensor(name, datatype, shape, data.reshape(shape))
+
+
+def _generate_json(response: InferResponse) -> bytes:
+    """Triton's generate response: each output by name, one element as a scalar, more as a flat
+    list, BYTES as text; plus ``model_name`` and ``model_version`` (keys sorted, as Triton)."""
+    out: dict[str, Any] = {"model_name": response.model_name, "model_version": str(response.model_version)}
+    for tensor in response.outputs:
+        if tensor.data is None:
+            out[tensor.name] = []
+            continue
+        values = _json_output(tensor)
+        if not isinstance(values, list):
+            values = values.tolist()
+        out[tensor.name] = values[0] if len(values) == 1 else values
+    return orjson.dumps(out, default=_json_default, option=orjson.OPT_SORT_KEYS)
+
+
+async def _generate_once(responses: ResponseStream) -> Response:
+    """``generate``: exactly one response is an answer; any other count is Triton's error."""
+    results = [result for result, _ in await responses.collect() if result is not None]
+    if len(results) == 1:
+        result = results[0]
+        if isinstance(result, ElastiserveError):
+            return _error(result)
+        try:
+            return Response(200, _generate_json(result), CONTENT_TYPE_JSON)
+        except ElastiserveError as exc:
+            return _error(exc)
+    first = results[0] if results else None
+    status = first.http_status if isinstance(first, ElastiserveError) else 200
+    return error_response(status, _GENERATE_ONE)
+
+
+async def _server_sent_events(responses: ResponseStream, out: StreamingResponse) -> AsyncIterator[bytes]:
+    """``generate_stream``: ``data: {...}`` per response as it comes, ``data: {"error": ...}`` for
+    an error (the stream goes on). The status is the first response's; a request that fails
+    before any response (a plain model rejecting its input) is answered as plain JSON."""
+    first = True
+    try:
+        async for result, final in responses:
+            if result is None:
+                continue
+            if isinstance(result, ElastiserveError):
+                if first:
+                    out.status = result.http_status
+                    if final:
+                        out.headers = CONTENT_TYPE_JSON
+                        yield orjson.dumps({"error": result.message})
+                        return
+                data = orjson.dumps({"error": result.message})
+            else:
+                try:
+                    data = _generate_json(result)
+                except ElastiserveError as exc:
+                    data = orjson.dumps({"error": exc.message})
+            first = False
+            yield b"data: " + data + b"\n\n"
+    finally:
+        responses.cancel()  # the client went away (a no-op once the stream finished)
 
 
 # -- infer response encoding ----------------------------------------------------------------------

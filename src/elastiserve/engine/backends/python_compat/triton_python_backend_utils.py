@@ -347,6 +347,51 @@ class InferenceResponse:
         return dict(self._parameters)
 
 
+class InferenceResponseSender:
+    """Sends a decoupled model's responses for one request, from any thread, at any time until
+    the ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` flag is sent (after which sending raises, as in
+    Triton). The engine supplies ``emit(response_or_None, final)`` and ``cancelled()``."""
+
+    __slots__ = ("_cancelled", "_closed", "_emit", "_lock")
+
+    def __init__(self, emit: Any, cancelled: Any) -> None:
+        self._emit = emit
+        self._cancelled = cancelled
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        final = bool(flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if flags & ~TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            raise TritonModelException(f"Unable to send response. Unsupported response flags {flags}.")
+        if response is None and not final:
+            raise TritonModelException(
+                "Inference Response object must be provided when the response flags is not equal to "
+                "TRITONSERVER_RESPONSE_COMPLETE_FINAL."
+            )
+        if response is not None and not isinstance(response, InferenceResponse):
+            raise TritonModelException(
+                f"Unable to send response. Expected pb_utils.InferenceResponse, got {type(response).__name__}."
+            )
+        with self._lock:  # responses of one request keep their order across model threads
+            if self._closed:
+                raise TritonModelException("Unable to send response. Response sender has been closed.")
+            if final:
+                self._closed = True
+            self._emit(response, final)
+
+    def is_cancelled(self) -> bool:
+        return bool(self._cancelled())
+
+    def _fail(self, error: Any) -> None:
+        """Close with ``error`` as the final response unless the model already closed it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._emit(InferenceResponse(error=error), True)
+
+
 class InferenceRequest:
     """A request: what ``execute`` receives, and what a model builds to call another model (BLS)."""
 
@@ -359,6 +404,7 @@ class InferenceRequest:
         "_parameters",
         "_request_id",
         "_requested_output_names",
+        "_response_sender",
         "_timeout",
     )
 
@@ -384,6 +430,7 @@ class InferenceRequest:
         self._flags = flags
         self._timeout = timeout
         self._parameters = parameters
+        self._response_sender: InferenceResponseSender | None = None
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
@@ -421,17 +468,23 @@ class InferenceRequest:
         return dict(self._parameters)
 
     def is_cancelled(self) -> bool:
-        return False  # cancellation does not reach backends yet
+        """True once the client went away (decoupled models: stream closed or cancelled)."""
+        sender = self._response_sender
+        return sender is not None and sender.is_cancelled()
 
     def set_release_flags(self, flags: int) -> None:
         if flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
             raise TritonModelException("request rescheduling is not supported yet by elastiserve")
 
-    def get_response_sender(self) -> Any:
-        raise TritonModelException(
-            "decoupled models not supported yet: InferenceRequest.get_response_sender() "
-            "is not available in elastiserve's python backend; return responses from execute()"
-        )
+    def get_response_sender(self) -> InferenceResponseSender:
+        """The sender of a decoupled model's responses for this request (zero or more, then FINAL)."""
+        if self._response_sender is None:
+            raise TritonModelException(
+                "InferenceRequest.get_response_sender() is only available to decoupled models in "
+                "elastiserve (model_transaction_policy { decoupled: true }); return the responses "
+                "from execute() instead"
+            )
+        return self._response_sender
 
     def exec(self, decoupled: bool = False) -> InferenceResponse:
         """BLS: run this request on another model of the same server and wait for the response.
