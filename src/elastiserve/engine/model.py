@@ -121,7 +121,7 @@ class ModelVersion:
         scheduler = self.scheduler
         if not isinstance(scheduler, Scheduler):
             raise Unsupported(f"model '{self.name}': decoupled models need the default or dynamic batcher")
-        if scheduler._closed:
+        if scheduler.closed:
             raise Unavailable(f"model '{request.model_name}' is unloading")
 
         def shape(response: InferResponse) -> InferResponse:

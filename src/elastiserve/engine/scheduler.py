@@ -206,6 +206,26 @@ class Scheduler:
         placement.observe(ns // max(1, len(requests)) if len(requests) > 1 else ns)
         return results, ns
 
+    # -- instance leases: the decoupled path (streaming.py) runs its executes itself ---------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def take_idle(self) -> ModelInstance | None:
+        """An idle instance now, or None."""
+        return self._idle.pop() if self._idle else None
+
+    def wait_for_instance(self) -> asyncio.Future[ModelInstance]:
+        """A future resolved with the next released instance. A caller that cancels it after it
+        was resolved must :meth:`release` the instance it was handed."""
+        waiter: asyncio.Future[ModelInstance] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    def release(self, instance: ModelInstance) -> None:
+        """Give back an instance taken with :meth:`take_idle` or :meth:`wait_for_instance`."""
+        self._release(instance)
+
     async def _acquire(self) -> ModelInstance:
         if self._idle:
             return self._idle.pop()

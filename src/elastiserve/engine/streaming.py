@@ -226,8 +226,8 @@ def start_decoupled(scheduler: Scheduler, request: InferRequest, batch_size: int
     loop = asyncio.get_running_loop()
     scheduler.stats.pending += 1  # counted from now: run_decoupled takes it off when done
     started = None
-    if scheduler._idle and not stream.cancelled:
-        instance = scheduler._idle.pop()
+    instance = scheduler.take_idle() if not stream.cancelled else None
+    if instance is not None:
         future = loop.run_in_executor(scheduler.placement.executor, _call_decoupled, instance, request, stream)
         started = (instance, future)
     task = loop.create_task(run_decoupled(scheduler, request, batch_size, stream, started))
@@ -260,7 +260,7 @@ async def run_decoupled(
         try:
             ok, ns = await future
         finally:
-            scheduler._release(instance)
+            scheduler.release(instance)
         stats.record_execution(batch_size, 0, ns, 0)
         stats.record_request(ok, perf_counter_ns() - start, queue_ns)
     except Exception as exc:  # a scheduler bug: fail the request, keep serving
@@ -274,16 +274,16 @@ async def _acquire(scheduler: Scheduler, stream: ResponseStream) -> ModelInstanc
     """An idle instance, or None when the stream is cancelled first (the wait is abandoned)."""
     if stream.cancelled:
         return None
-    if scheduler._idle:
-        return scheduler._idle.pop()
-    waiter: asyncio.Future[ModelInstance] = asyncio.get_running_loop().create_future()
-    scheduler._waiters.append(waiter)
+    idle = scheduler.take_idle()
+    if idle is not None:
+        return idle
+    waiter = scheduler.wait_for_instance()
     stream.add_cancel_callback(waiter.cancel)
     try:
         return await waiter
     except asyncio.CancelledError:
         if waiter.done() and not waiter.cancelled():  # handed an instance just as it was cancelled
-            scheduler._release(waiter.result())
+            scheduler.release(waiter.result())
         if stream.cancelled:
             return None
         raise
