@@ -296,3 +296,78 @@ def test_bad_cache_config_is_a_startup_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--cache-config=local,size=lots: size must be a positive number of bytes" in result.stderr
+
+
+ONNX_SEQUENCE_CONFIG = """
+backend: "onnxruntime"
+max_batch_size: 4
+input [ { name: "IN", data_type: TYPE_FP32, dims: [1] } ]
+output [ { name: "OUT", data_type: TYPE_FP32, dims: [1] } ]
+sequence_batching {
+  control_input [
+    { name: "START", control [ { kind: CONTROL_SEQUENCE_START, int32_false_true: [0, 1] } ] },
+    { name: "END", control [ { kind: CONTROL_SEQUENCE_END, int32_false_true: [0, 1] } ] }
+  ]
+}
+"""
+
+
+def _onnx_sequence_model() -> bytes:
+    """OUT = IN + 1000 * START + 100 * END: shows which control values the graph was fed."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["START"], ["s"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["END"], ["e"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["s", "k1000"], ["s1"]),
+        helper.make_node("Mul", ["e", "k100"], ["e1"]),
+        helper.make_node("Add", ["IN", "s1"], ["a"]),
+        helper.make_node("Add", ["a", "e1"], ["OUT"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("IN", TensorProto.FLOAT, ["b", 1]),
+        helper.make_tensor_value_info("START", TensorProto.INT32, ["b", 1]),
+        helper.make_tensor_value_info("END", TensorProto.INT32, ["b", 1]),
+    ]
+    constants = [
+        helper.make_tensor("k1000", TensorProto.FLOAT, [], [1000.0]),
+        helper.make_tensor("k100", TensorProto.FLOAT, [], [100.0]),
+    ]
+    graph = helper.make_graph(
+        nodes, "seq", inputs, [helper.make_tensor_value_info("OUT", TensorProto.FLOAT, ["b", 1])], constants
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_onnx_sequence_model_is_fed_the_control_inputs(tmp_path: Path, strict: bool) -> None:
+    model = tmp_path / "seq_onnx"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.onnx").write_bytes(_onnx_sequence_model())
+    (model / "config.pbtxt").write_text(ONNX_SEQUENCE_CONFIG)
+    # A graph without the control inputs the config names fails alone, with the reason.
+    broken = tmp_path / "seq_broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / "model.onnx").write_bytes(_onnx_sequence_model())
+    (broken / "config.pbtxt").write_text(ONNX_SEQUENCE_CONFIG.replace('name: "END"', 'name: "STOP"'))
+    args = ["--strict-model-config=true"] if strict else []
+    with running_engine(tmp_path, args=args) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        deadline = time.monotonic() + 30
+        while not client.is_model_ready("seq_onnx") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.is_model_ready("seq_onnx"), server.log()
+        # Clients send only IN: START/END are not inputs they must give.
+        assert [i["name"] for i in client.get_model_metadata("seq_onnx")["inputs"]] == ["IN"]
+        seen = []
+        for value, start, end in ((0.0, True, False), (1.0, False, False), (2.0, False, True)):
+            data = httpclient.InferInput("IN", [1, 1], "FP32")
+            data.set_data_from_numpy(np.array([[value]], np.float32))
+            result = client.infer("seq_onnx", [data], sequence_id=7, sequence_start=start, sequence_end=end)
+            seen.append(float(result.as_numpy("OUT")[0, 0]))
+        assert seen == [1000.0, 1.0, 102.0]
+        index = {row["name"]: row for row in client.get_model_repository_index()}
+        assert index["seq_broken"]["state"] == "UNAVAILABLE"
+        assert "control or state input 'STOP' is not an input of the model" in index["seq_broken"]["reason"]

@@ -201,3 +201,13 @@ def _int64_strings_to_numbers(descriptor, data):  # type: ignore[no-untyped-def]
             elif isinstance(value, dict):
                 _int64_strings_to_numbers(sub, value)
     return data
+
+
+def control_input_names(config: ModelConfig) -> set[str]:
+    """Inputs the sequence batcher injects (control inputs and implicit state): never sent by
+    clients, but inputs of the model all the same."""
+    if not config.HasField("sequence_batching"):
+        return set()
+    names = {c.name for c in config.sequence_batching.control_input}
+    names.update(s.input_name for s in config.sequence_batching.state)
+    return names

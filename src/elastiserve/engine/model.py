@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from elastiserve.engine.config import control_input_names
 from elastiserve.engine.scheduler import Scheduler
-from elastiserve.engine.sequence import control_input_names
 from elastiserve.engine.stats import ModelStats
 from elastiserve.engine.streaming import DecoupledUnary, ResponseStream, single_response, start_decoupled
 from elastiserve.errors import InvalidArgument, Unavailable, Unsupported

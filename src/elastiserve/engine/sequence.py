@@ -80,15 +80,6 @@ class ControlTensor:
     false_true: tuple[Any, Any] = (0, 1)
 
 
-def control_input_names(config: ModelConfig) -> set[str]:
-    """Names of the control inputs the sequence batcher injects (never sent by clients)."""
-    if not config.HasField("sequence_batching"):
-        return set()
-    names = {c.name for c in config.sequence_batching.control_input}
-    names.update(s.input_name for s in config.sequence_batching.state)
-    return names
-
-
 def parse_controls(config: ModelConfig) -> list[ControlTensor]:
     """The configured control inputs, validated the way Triton validates them at load."""
     prefix = f"model '{config.name}'"

@@ -34,6 +34,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from elastiserve.engine.backends import _common as common
 from elastiserve.engine.backends.base import ArrayModelInstance, ModelContext, Parallelism
+from elastiserve.engine.config import control_input_names
 from elastiserve.errors import ConfigError, InvalidArgument
 from elastiserve.types import as_bytes_array
 
@@ -195,9 +196,16 @@ def validate_against_model(
     """
     label = common.model_label(config)
     known = {**(initializers or {}), **inputs}
+    controls = control_input_names(config)  # fed by the sequence batcher, not listed in `input`
     for tensor in config.input:
         _check_tensor(config, "input", tensor, known)
-    required = [t for t in config.input if not t.optional]
+    for name in sorted(controls):
+        if name not in inputs:
+            raise ConfigError(
+                f"unable to load model '{label}', sequence batching control or state input '{name}' "
+                "is not an input of the model"
+            )
+    required = [t.name for t in config.input if not t.optional and t.name not in controls] + sorted(controls)
     if len(required) != len(inputs):
         raise ConfigError(
             f"unable to load model '{label}', configuration expects {len(required)} inputs, "
@@ -219,7 +227,7 @@ def _fill(
     a partial ``output`` list is kept as it is, since serving a subset of outputs is legitimate.
     """
     batched = config.max_batch_size > 0
-    named = {t.name for t in existing}
+    named = {t.name for t in existing} | (control_input_names(config) if kind == "input" else set())
     if len(existing) == 0 or kind == "input":
         for info in infos.values():
             if info.name in named:
@@ -339,7 +347,10 @@ class OnnxRuntimeInstance(ArrayModelInstance):
         validate_against_model(config, graph_inputs, outputs, initializers)
         inputs = {**initializers, **graph_inputs}
         # Optional (initializer) inputs keep their stored values: only required inputs are fed.
-        self.input_names = [t.name for t in config.input if not t.optional] or list(graph_inputs)
+        controls = control_input_names(config)
+        self.input_names = [
+            t.name for t in config.input if not t.optional and t.name not in controls
+        ] + sorted(controls) or list(graph_inputs)
         # Only configured outputs; all (tensor) outputs when the config lists none.
         self.output_names = [o.name for o in config.output] or [
             i.name for i in outputs.values() if i.is_tensor and i.config_type is not None
