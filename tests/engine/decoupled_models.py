@@ -69,8 +69,11 @@ class TritonPythonModel:
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _mark(self, name, text):
-        with open(os.path.join(self.dir, name), "w") as f:
+        # Written whole then renamed: a test that sees the file never reads it half-written.
+        path = os.path.join(self.dir, name)
+        with open(path + ".tmp", "w") as f:
             f.write(text)
+        os.replace(path + ".tmp", path)
 """
 
 REPEAT_CONFIG = """

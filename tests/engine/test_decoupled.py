@@ -171,8 +171,8 @@ async def test_decoupled_execute_rules(dataplane: DataPlane, repo: Path) -> None
     # FINAL twice: the second send raises Triton's message; the client sees one bare FINAL.
     assert summary(await dataplane.infer_stream(repeat(-3, rid="twice")).collect()) == [(None, True)]
     marker = repo / "repeat" / "second-final-twice"
-    for _ in range(100):
-        if marker.exists():
+    for _ in range(250):  # the model thread writes it after the client saw FINAL: wait for its text
+        if marker.exists() and marker.read_text():
             break
         await asyncio.sleep(0.02)
     assert marker.read_text() == "Unable to send response. Response sender has been closed."
