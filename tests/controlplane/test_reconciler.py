@@ -165,6 +165,27 @@ def test_rolling_update_respects_surge_and_unavailable(env: Env, surge: object, 
     assert kinds.count("RolloutStarted") == 1 and "RolloutComplete" in kinds
 
 
+def test_a_release_instances_do_not_use_keeps_them_running(env: Env) -> None:
+    env.store.create_service(make_spec(instance=2))
+    env.settle(3)
+    before = {(r.id, r.pid) for r in env.rows()}
+    # Token, a group weight label, gateway limits: version 2, same instances (no restart).
+    modify(env, "token=another-token-123", "labels.group_weight=50", "metadata.rpc.rate_limit=10")
+    env.settle(3)
+    assert env.store.get_service("svc").version == 2
+    assert {(r.id, r.pid) for r in env.rows()} == before
+    assert {r.version for r in env.rows()} == {2}
+    assert "RolloutStarted" not in env.events() and env.events().count("InstanceAdopted") == 2
+    assert env.status() == ("Running", "")
+    # Something instances are made from: a real rollout.
+    modify(env, "metadata.cpu=2")
+    env.settle(3)
+    finish_drains(env)
+    assert env.store.get_service("svc").version == 3
+    assert "RolloutStarted" in env.events()
+    assert not ({r.id for r in env.rows()} & {i for i, _ in before})
+
+
 def test_rollout_starts_new_before_stopping_old(env: Env) -> None:
     env.runtime.ready_after = 1.0
     env.store.create_service(make_spec(instance=2))

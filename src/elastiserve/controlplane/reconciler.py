@@ -59,6 +59,7 @@ CRASH_STATES = frozenset({"Restarting", "CrashLoopBackOff", "CrashBlocked", "Fai
 _MOVING = frozenset({"Starting", "Draining", "Terminating"})
 _EXITED = (Phase.EXITED, Phase.FAILED)
 _COMPARED = (
+    "version",
     "address",
     "port",
     "pid",
@@ -436,6 +437,7 @@ class Reconciler:
         spec = record.spec
         want = spec.metadata.instance
         live = [r for r in work.rows.values() if r.desired == "running"]
+        self._adopt_unchanged(work, record, live)
         old = [r for r in live if r.version != record.version]
         cur = [r for r in live if r.version == record.version]
         if len(cur) > want:
@@ -459,6 +461,27 @@ class Reconciler:
         for row in sorted(work.rows.values(), key=lambda r: r.id):
             if row.desired == "running" and row.version == record.version:
                 self._maybe_start(work, record, row, now)
+
+    def _adopt_unchanged(self, work: _Work, record: ServiceRecord, live: list[InstanceRecord]) -> None:
+        """Rows of an older version whose instances the new version would make the same way (it
+        changed only the token, labels, limits…) move to the new version in place: no rollout."""
+        key = None
+        for row in live:
+            if row.version == record.version:
+                continue
+            if key is None:
+                key = record.spec.instance_key()
+            try:
+                same = self.store.get_version(record.name, row.version).spec.instance_key() == key
+            except NotFound:
+                same = False
+            if same:
+                work.event(
+                    "InstanceAdopted",
+                    f"instance {row.id} kept for version {record.version} (version {row.version} "
+                    "differs only in what instances do not use)",
+                )
+                row.version = record.version
 
     def _roll(
         self,

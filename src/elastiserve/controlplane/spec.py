@@ -457,6 +457,17 @@ class ServiceSpec(_Model):
         data["metadata"].pop("instance", None)
         return data
 
+    def instance_key(self) -> dict[str, Any]:
+        """What a running instance is made from. A release that changes only the rest — the
+        token, labels (group weights), the autoscaler, the gateway's ``rpc`` limits, the rollout
+        strategy — is recorded as a version but keeps the running instances (no restart)."""
+        data = self.release_key()
+        for key in ("token", "labels", "autoscaler"):
+            data.pop(key, None)
+        data["metadata"].pop("rpc", None)
+        data["metadata"].pop("rolling_strategy", None)
+        return data
+
 
 REDACTED = "********"
 
