@@ -373,6 +373,32 @@ def create_app(
     def body_etag(body: bytes) -> str:
         return f'"{hashlib.sha256(body).hexdigest()[:20]}"'
 
+    async def watched(read: Callable[[], bytes], if_none_match: str | None, wait: float) -> Response:
+        """A JSON body clients poll cheaply: 304 while its ETag is one they sent, and with
+        ``wait`` the answer is held (at most ``max_wait``) until the body changes. Writes in this
+        process wake the waiters at once; the 1 s cap re-reads for writers elsewhere; shutting
+        down ends the wait (304) so the server stops at once."""
+        body = await run_in_threadpool(read)
+        tag = body_etag(body)
+        known = _etags(if_none_match) if if_none_match is not None else set()
+        if tag in known and wait > 0:
+            deadline = time.monotonic() + min(wait, max_wait)
+            while tag in known and not changes.closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await changes.wait(min(remaining, 1.0))
+                except asyncio.CancelledError:
+                    break
+                if not changes.closing:
+                    body = await run_in_threadpool(read)
+                    tag = body_etag(body)
+        headers = {"ETag": tag, "Cache-Control": "no-cache"}
+        if tag in known:
+            return Response(status_code=304, headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
+
     @app.get(f"{API_PREFIX}/services", tags=["services"])
     async def list_services(
         wait: Annotated[float, Query(ge=0, description="long-poll: seconds to wait for a change")] = 0.0,
@@ -382,26 +408,7 @@ def create_app(
         """Every service's view. Send the last ETag as ``If-None-Match``: 304 when nothing changed;
         with ``wait`` the call returns as soon as something does (or 304 after ``wait`` seconds).
         The gateway watches the list this way."""
-        body = await run_in_threadpool(services_body, admin)
-        tag = body_etag(body)
-        if if_none_match is not None and tag in _etags(if_none_match) and wait > 0:
-            deadline = time.monotonic() + min(wait, max_wait)
-            while tag in _etags(if_none_match):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await changes.wait(min(remaining, 1.0))
-                except asyncio.CancelledError:
-                    return Response(status_code=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
-                if changes.closing:
-                    break
-                body = await run_in_threadpool(services_body, admin)
-                tag = body_etag(body)
-        headers = {"ETag": tag, "Cache-Control": "no-cache"}
-        if if_none_match is not None and tag in _etags(if_none_match):
-            return Response(status_code=304, headers=headers)
-        return Response(body, media_type="application/json", headers=headers)
+        return await watched(lambda: services_body(admin), if_none_match, wait)
 
     @app.get(f"{API_PREFIX}/services/{{name}}", tags=["services"])
     def describe_service(name: str, response: Response, admin: bool = Depends(admin_level)) -> dict[str, Any]:
@@ -595,10 +602,6 @@ def create_app(
                 eps.append(ep)
         return sorted(eps, key=lambda e: (e["ip"], e["port"]))
 
-    def endpoints_etag(eps: list[dict[str, Any]]) -> str:
-        digest = hashlib.sha256(json.dumps(eps, sort_keys=True).encode()).hexdigest()[:20]
-        return f'"{digest}"'
-
     @app.get(f"{API_PREFIX}/services/{{name}}/endpoints", tags=["discovery"])
     async def endpoints(
         name: str,
@@ -609,28 +612,11 @@ def create_app(
         ``If-None-Match``: 304 when unchanged; with ``wait`` the call returns as soon as the set
         changes (or 304 after ``wait`` seconds)."""
         _name(name)
-        eps = await run_in_threadpool(endpoints_of, name)
-        tag = endpoints_etag(eps)
-        if if_none_match is not None and tag in _etags(if_none_match) and wait > 0:
-            deadline = time.monotonic() + min(wait, max_wait)
-            while tag in _etags(if_none_match):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                # Woken by a write in this process; the 1 s cap re-reads for writers elsewhere.
-                try:
-                    await changes.wait(min(remaining, 1.0))
-                except asyncio.CancelledError:
-                    # The server is shutting down: end the long-poll quietly (the client re-polls).
-                    return Response(status_code=304, headers={"ETag": tag, "Cache-Control": "no-cache"})
-                if changes.closing:
-                    break
-                eps = await run_in_threadpool(endpoints_of, name)
-                tag = endpoints_etag(eps)
-        headers = {"ETag": tag, "Cache-Control": "no-cache"}
-        if if_none_match is not None and tag in _etags(if_none_match):
-            return Response(status_code=304, headers=headers)
-        return JSONResponse({"service": name, "endpoints": eps}, headers=headers)
+
+        def read() -> bytes:
+            return json.dumps({"service": name, "endpoints": endpoints_of(name)}, sort_keys=True).encode()
+
+        return await watched(read, if_none_match, wait)
 
     return app
 
