@@ -12,10 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -291,3 +291,28 @@ def kill_leftovers(state_dir: Path) -> list[int]:
             os.killpg(pid, signal.SIGKILL)
             killed.append(pid)
     return killed
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float = 30.0,
+    platform: RunningPlatform | None = None,
+    log: Callable[[], str] | None = None,
+) -> Any:
+    """Call ``check`` every 50 ms until it returns something true (returned); an exception
+    counts as "not yet". On timeout, an AssertionError names ``what``, the last result or
+    exception, and the tail of the platform's (or ``log()``'s) log."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.05)
+    text = platform.log() if platform is not None else log() if log is not None else ""
+    extra = f"\n--- log ---\n{text[-4000:]}" if text else ""
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}{extra}")

@@ -14,9 +14,8 @@ import sys
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from elastiserve.controlplane.runtimes.base import ObservedInstance, Resources
 from elastiserve.controlplane.runtimes.local import LocalRuntime
 from elastiserve.controlplane.spec import parse_spec
 from elastiserve.controlplane.store import Store
-from elastiserve.testing import RunningEngine, free_port, running_engine
+from elastiserve.testing import RunningEngine, free_port, running_engine, wait_until
 from tests.storage.moto_support import MotoServer, file_server, moto_server
 
 BUCKET = "e2e-models"
@@ -75,22 +74,6 @@ def wait_ready(engine: RunningEngine, timeout: float = 60.0) -> httpclient.Infer
             pass
         time.sleep(0.1)
     raise AssertionError(f"engine not ready after {timeout}s\n{engine.log()}")
-
-
-def wait_until(
-    what: str, check: Callable[[], Any], timeout: float = 30.0, log: Callable[[], str] = str
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}\n{log()}")
 
 
 def add_sub(client: httpclient.InferenceServerClient) -> np.ndarray:

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from elastiserve.client.controlplane import ControlPlaneClient, ControlPlaneError
-from elastiserve.testing import RunningPlatform, running_platform
+from elastiserve.testing import RunningPlatform, running_platform, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "triton_test"
@@ -37,23 +37,6 @@ def add_sub_inputs(value: float) -> list[httpclient.InferInput]:
     for item in inputs:
         item.set_data_from_numpy(data)
     return inputs
-
-
-def wait_until(
-    what: str, check: Callable[[], Any], timeout: float = 30.0, platform: RunningPlatform | None = None
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except ControlPlaneError as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.05)
-    extra = f"\n--- up log ---\n{platform.log()[-4000:]}" if platform else ""
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}{extra}")
 
 
 class DirectLoad:

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from elastiserve.client.controlplane import ControlPlaneClient, ControlPlaneError
-from elastiserve.testing import RunningPlatform, free_port, running_platform
+from elastiserve.client.controlplane import ControlPlaneClient
+from elastiserve.testing import RunningPlatform, free_port, running_platform, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "triton_test"
@@ -61,23 +61,6 @@ def check_answer(response: httpx.Response, value: float) -> str | None:
     if outputs.get("OUTPUT0") != [2 * value] * 16 or outputs.get("OUTPUT1") != [0.0] * 16:
         return f"wrong numbers: {response.text[:300]}"
     return None
-
-
-def wait_until(
-    what: str, check: Callable[[], Any], timeout: float = 30.0, platform: RunningPlatform | None = None
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (ControlPlaneError, httpx.HTTPError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.05)
-    extra = f"\n--- up log ---\n{platform.log()[-4000:]}" if platform else ""
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}{extra}")
 
 
 class GatewayLoad:
