@@ -99,7 +99,7 @@ CASES = [
     Case("onnx_mlp_dynbatch", ("x:256",), ("y",), ("elastiserve", "mlserver"), inprocess="onnx", quick=True),
 ]
 # The ONNX MLP of the "served at >= 80% of its in-process limit" target: big enough that its
-# compute (~0.1 ms a call on one core) is what a user pays for, not a 4 us toy that only
+# compute (~30 us a call on one core) is what a user pays for, not a 4 us toy that only
 # measures per-request overhead (examples/models/simple_onnx is that toy).
 MLP_SHAPE = {"inputs": 256, "hidden": 2048, "outputs": 16}
 TINY = ("identity_fp32", "add_sub")  # the models of the xTriton / xMLServer targets
