@@ -191,3 +191,38 @@ async def test_group_shares_and_resolution() -> None:
     table.rebuild_groups()
     assert table.resolve("other") is table.services["other"]
     assert table.resolve("lonely") is table.services["lonely"]
+
+
+# -- upstream: whole responses taken without the parser ---------------------------------------------
+
+
+def test_whole_response_fast_path_takes_only_plain_complete_answers() -> None:
+    from elastiserve.gateway.upstream import _whole_response
+
+    ok = _whole_response(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+    assert ok is not None
+    assert (ok.status, ok.headers, ok.body, ok.keep_alive) == (
+        200,
+        b"Content-Type: application/json\r\n",
+        b"{}",
+        True,
+    )
+    error = _whole_response(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+    assert error is not None and error.status == 400 and error.body == b""
+    for other in (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{}",  # partial body
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n{}",  # more bytes than the body
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n",  # partial head
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length : 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\nb\r\ncontent-length: 0\r\n\r\n",  # a bare LF: no header smuggling
+        b"HTTP/1.1 200 OK\r\nx: a\rb\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 2x0 OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno-colon\r\ncontent-length: 0\r\n\r\n",
+    ):
+        assert _whole_response(other) is None, other

@@ -143,6 +143,14 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes nobody asked for (an instance's own timeout answer): this connection is done.
             self.close()
             return
+        if not self._got_bytes and not self._head_only:
+            # Most answers arrive whole in one read with a plain head: take them without the
+            # parser's per-header callbacks. Anything unusual goes to httptools from the start.
+            response = _whole_response(data)
+            if response is not None:
+                self._got_bytes = True
+                self._resolve(response)
+                return
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
@@ -254,6 +262,46 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if self._transport is not None:
             self._transport.abort()
+
+
+def _whole_response(data: bytes) -> UpstreamResponse | None:
+    """``data`` as one complete keep-alive response with a ``content-length`` body, or None when
+    it is anything else (partial, chunked, 1xx/204/304, ``connection`` headers, stray CR/LF, more
+    bytes than the body): those take the full parser, so this only ever speeds up the common case."""
+    if not data.startswith(b"HTTP/1.1 "):
+        return None
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or data[12:13] not in (b" ", b"\r"):
+        return None
+    code = data[9:12]
+    if not code.isdigit():
+        return None
+    status = int(code)
+    if status < 200 or status == 204 or status == 304:
+        return None
+    head = data[:end]
+    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+        return None
+    length = -1
+    kept: list[bytes] = []
+    for line in head.split(b"\r\n")[1:]:
+        colon = line.find(b":")
+        if colon <= 0 or line[colon - 1 : colon] in (b" ", b"\t"):
+            return None
+        name = line[:colon].lower()
+        if name == b"content-length":
+            value = line[colon + 1 :].strip()
+            if length >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+        elif name in _HOP_BY_HOP:
+            return None
+        else:
+            kept.append(line[:colon] + b": " + line[colon + 1 :].strip() + b"\r\n")
+    body = data[end + 4 :]
+    if length != len(body):
+        return None
+    return UpstreamResponse(status, b"".join(kept), body, True)
 
 
 class ConnectionPool:
