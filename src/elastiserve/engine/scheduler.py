@@ -89,7 +89,8 @@ class _Outcome:
     extra: dict = field(default_factory=dict)
 
 
-def _call(instance: ModelInstance, requests: list[InferRequest]) -> tuple[ExecuteResult, int]:
+def execute_on(instance: ModelInstance, requests: list[InferRequest]) -> tuple[ExecuteResult, int]:
+    """``instance.execute(requests)`` that never raises: one result per request, and the time taken."""
     start = perf_counter_ns()
     try:
         results = instance.execute(requests)
@@ -199,10 +200,10 @@ class Scheduler:
     ) -> tuple[ExecuteResult, int]:
         placement = self.placement
         if placement.inline:
-            results, ns = _call(instance, requests)
+            results, ns = execute_on(instance, requests)
         else:
             loop = asyncio.get_running_loop()
-            results, ns = await loop.run_in_executor(placement.executor, _call, instance, requests)
+            results, ns = await loop.run_in_executor(placement.executor, execute_on, instance, requests)
         placement.observe(ns // max(1, len(requests)) if len(requests) > 1 else ns)
         return results, ns
 
@@ -358,7 +359,7 @@ class Scheduler:
 
     def _run_batch(self, instance: ModelInstance, batch: list[_Pending], started: int) -> None:
         try:
-            results, ns = _call(instance, [p.request for p in batch])
+            results, ns = execute_on(instance, [p.request for p in batch])
             self.placement.observe(ns)
         finally:
             self._release(instance)

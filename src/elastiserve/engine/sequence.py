@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tritonclient.grpc.model_config_pb2 import DataType, ModelSequenceBatching
 
-from elastiserve.engine.backends.base import ExecuteResult, ModelInstance
-from elastiserve.engine.scheduler import Placement
+from elastiserve.engine.backends.base import ModelInstance
+from elastiserve.engine.scheduler import Placement, execute_on
 from elastiserve.errors import ConfigError, ElastiserveError, Internal, InvalidArgument, Unavailable
 from elastiserve.types import (
     DATATYPE_TO_NUMPY,
@@ -211,21 +211,6 @@ class _Lane:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     busy: int = 0  # slots bound to a sequence
-
-
-def _execute(instance: ModelInstance, requests: list[InferRequest]) -> tuple[ExecuteResult, int]:
-    started = perf_counter_ns()
-    try:
-        results = instance.execute(requests)
-    except ElastiserveError as exc:
-        results = [exc] * len(requests)
-    except Exception as exc:  # a backend bug fails the requests, not the server
-        log.exception("backend raised from execute")
-        results = [Internal(f"model execution failed: {type(exc).__name__}: {exc}")] * len(requests)
-    if len(results) != len(requests):
-        err = Internal(f"model returned {len(results)} responses for {len(requests)} requests")
-        results = [err] * len(requests)
-    return results, perf_counter_ns() - started
 
 
 def _sequence_id(request: InferRequest) -> Any:
@@ -593,10 +578,10 @@ class SequenceScheduler:
             return
         placement = self.placement
         if placement.inline:
-            results, ns = _execute(lane.instance, requests)
+            results, ns = execute_on(lane.instance, requests)
         else:
             loop = asyncio.get_running_loop()
-            results, ns = await loop.run_in_executor(placement.executor, _execute, lane.instance, requests)
+            results, ns = await loop.run_in_executor(placement.executor, execute_on, lane.instance, requests)
         placement.observe(ns // len(requests))
         self.stats.record_execution(len(requests), 0, ns, 0)
         now = perf_counter_ns()
