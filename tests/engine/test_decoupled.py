@@ -76,12 +76,77 @@ instance_group [ { count: 2 kind: KIND_CPU } ]
 """
 
 
+# Decoupled BLS: exec(decoupled=True) on "repeat" (or async_exec), summing what streams back,
+# optionally leaving the loop after STOP_AFTER responses (which must cancel the called request).
+BLS_DECOUPLED_MODEL = """
+import asyncio
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [self.one(request) for request in requests]
+
+    def one(self, request):
+        count = pb_utils.get_input_tensor_by_name(request, "COUNT").as_numpy().reshape(-1).astype(np.int32)
+        stop_after = int(pb_utils.get_input_tensor_by_name(request, "STOP_AFTER").as_numpy().reshape(-1)[0])
+        use_async = bool(pb_utils.get_input_tensor_by_name(request, "ASYNC").as_numpy().reshape(-1)[0])
+        call = pb_utils.InferenceRequest(
+            model_name="repeat",
+            inputs=[
+                pb_utils.Tensor("COUNT", count),
+                pb_utils.Tensor("DELAY_MS", np.array([30 if stop_after else 0], np.int32)),
+            ],
+            requested_output_names=["OUT"],
+            request_id="bls-" + request.request_id(),
+        )
+        if use_async:
+            answers = asyncio.run(call.async_exec(decoupled=True))
+        else:
+            answers = call.exec(decoupled=True)
+        values, empty = [], 0
+        for answer in answers:
+            if answer.has_error():
+                return pb_utils.InferenceResponse(error=answer.error())
+            if not answer.output_tensors():
+                empty += 1
+                continue
+            values.append(int(pb_utils.get_output_tensor_by_name(answer, "OUT").as_numpy().reshape(-1)[0]))
+            if stop_after and len(values) >= stop_after:
+                break
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor("VALUES", np.array(values, np.int32)),
+            pb_utils.Tensor("EMPTY", np.array([empty], np.int32)),
+        ])
+"""
+
+BLS_DECOUPLED_CONFIG = """
+name: "bls_decoupled"
+backend: "python"
+max_batch_size: 0
+input [
+  { name: "COUNT" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "STOP_AFTER" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "ASYNC" data_type: TYPE_BOOL dims: [ 1 ] }
+]
+output [
+  { name: "VALUES" data_type: TYPE_INT32 dims: [ -1 ] },
+  { name: "EMPTY" data_type: TYPE_INT32 dims: [ 1 ] }
+]
+instance_group [ { count: %d kind: KIND_CPU } ]
+"""
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["in_process", "process"])
 def repo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = write_decoupled_repo(tmp_path_factory.mktemp("decoupled"), repeat_instances=request.param)
     (path / "bls_stream" / "1").mkdir(parents=True)
     (path / "bls_stream" / "1" / "model.py").write_text(textwrap.dedent(BLS_MODEL))
     (path / "bls_stream" / "config.pbtxt").write_text(BLS_CONFIG)
+    (path / "bls_decoupled" / "1").mkdir(parents=True)
+    (path / "bls_decoupled" / "1" / "model.py").write_text(textwrap.dedent(BLS_DECOUPLED_MODEL))
+    (path / "bls_decoupled" / "config.pbtxt").write_text(BLS_DECOUPLED_CONFIG % request.param)
     return path
 
 
@@ -321,3 +386,36 @@ def test_sender_rules() -> None:
     assert not request.is_cancelled()
     with pytest.raises(pb.TritonModelException, match="only available to decoupled models"):
         request.get_response_sender()
+
+
+def bls_decoupled(count: int, stop_after: int = 0, use_async: bool = False, rid: str = "b") -> InferRequest:
+    tensors = [
+        InferTensor("COUNT", "INT32", [1], np.array([count], np.int32)),
+        InferTensor("STOP_AFTER", "INT32", [1], np.array([stop_after], np.int32)),
+        InferTensor("ASYNC", "BOOL", [1], np.array([use_async], np.bool_)),
+    ]
+    return InferRequest("bls_decoupled", tensors, id=rid)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["exec", "async_exec"])
+async def test_decoupled_bls_iterates_every_response(dataplane: DataPlane, use_async: bool) -> None:
+    response = await dataplane.infer(bls_decoupled(4, use_async=use_async))
+    assert response.output("VALUES").data.tolist() == [0, 1, 2, 3]  # type: ignore[union-attr]
+    # repeat sends FINAL on its own after the last value: Triton's iterator ends with an empty one.
+    assert response.output("EMPTY").data.tolist() == [1]  # type: ignore[union-attr]
+    # Errors come back as the response's error.
+    with pytest.raises(ElastiserveError, match="repeat was asked to fail"):
+        await dataplane.infer(bls_decoupled(-2, use_async=use_async))
+
+
+async def test_leaving_a_decoupled_bls_loop_early_cancels_the_call(dataplane: DataPlane, repo: Path) -> None:
+    response = await dataplane.infer(bls_decoupled(50, stop_after=2, rid="early"))
+    assert response.output("VALUES").data.tolist() == [0, 1]  # type: ignore[union-attr]
+    if (repo / "bls_decoupled" / "config.pbtxt").read_text().count("count: 1 "):
+        # In-process, responses stream one by one: the called request sees is_cancelled().
+        marker = repo / "repeat" / "cancelled-bls-early"
+        for _ in range(250):
+            if marker.exists():
+                break
+            await asyncio.sleep(0.02)
+        assert marker.exists()

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ from elastiserve.engine.backends.python_worker import (
     pb,
     pb_request_to_infer_request,
     result_to_pb_response,
+    stream_item_to_pb_response,
     unpack_results,
 )
 from elastiserve.errors import ConfigError, ElastiserveError, Internal, Unavailable
@@ -56,6 +58,9 @@ from elastiserve.types import InferRequest, InferResponse
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+# One response of a streamed request: a response, an error, or None for a bare FINAL; and final?
+StreamItem = tuple[InferResponse | ElastiserveError | None, bool]
 
 log = logging.getLogger("elastiserve.python_backend")
 
@@ -202,6 +207,80 @@ class EngineBridge:
     def infer(self, request: Any, timeout: float | None) -> Any:
         return result_to_pb_response(self.run(pb_request_to_infer_request(request), timeout))
 
+    # -- decoupled BLS: exec(decoupled=True) ---------------------------------------------------------
+    def run_stream(self, request: InferRequest, timeout: float | None) -> Iterator[StreamItem]:
+        """``request``'s responses as they come, in the calling (model) thread, ending with the
+        final one. ``timeout`` bounds the wait for each response. Leaving the loop early (or the
+        generator being collected) cancels the request, as a client going away does."""
+        problem = self._unavailable()
+        if problem is None and _on_loop(self.loop):
+            problem = Internal(
+                "BLS exec(decoupled=True) was called on the engine's event loop thread, where it "
+                "would deadlock; python models that use BLS must be scheduled on a worker thread"
+            )
+        if problem is not None:
+            yield problem, True
+            return
+        items: queue.Queue[StreamItem] = queue.Queue()
+        started: list[Any] = []
+
+        def start() -> None:  # on the loop: streams are created and cancelled there
+            try:
+                stream = self.server.infer_stream(request)  # type: ignore[union-attr]
+            except ElastiserveError as exc:
+                items.put((exc, True))
+                return
+            except Exception as exc:  # a server bug: this BLS call fails, the model goes on
+                log.exception("decoupled BLS failed to start")
+                items.put((Internal(f"BLS request failed: {type(exc).__name__}: {exc}"), True))
+                return
+            started.append(stream)
+            stream.deliver_directly(lambda result, final: items.put((result, final)))
+
+        self.loop.call_soon_threadsafe(start)  # type: ignore[union-attr]
+        done = False
+        try:
+            while not done:
+                try:
+                    result, done = items.get(timeout=timeout)
+                except queue.Empty:
+                    done = True
+                    result = Unavailable(
+                        f"BLS request to model '{request.model_name}' timed out after {timeout}s"
+                    )
+                yield result, done
+        finally:
+            if not done and started:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to cancel
+                    self.loop.call_soon_threadsafe(started[0].cancel)  # type: ignore[union-attr]
+
+    def collect_stream(self, request: InferRequest, timeout: float | None) -> list[StreamItem]:
+        """Every response of ``request`` (worker processes get them in one message)."""
+        return list(self.run_stream(request, timeout))
+
+    def infer_decoupled(self, request: Any, timeout: float | None) -> Iterator[Any]:
+        for result, _final in self.run_stream(pb_request_to_infer_request(request), timeout):
+            yield stream_item_to_pb_response(result)
+
+    async def async_infer_decoupled(self, request: Any) -> Iterator[Any]:
+        req = pb_request_to_infer_request(request)
+        problem = self._unavailable()
+        if problem is not None:
+            return iter([stream_item_to_pb_response(problem)])
+
+        async def collect() -> list[StreamItem]:
+            try:
+                return await self.server.infer_stream(req).collect()  # type: ignore[union-attr]
+            except ElastiserveError as exc:
+                return [(exc, True)]
+
+        if _on_loop(self.loop):
+            items = await collect()
+        else:
+            future = asyncio.run_coroutine_threadsafe(collect(), self.loop)  # type: ignore[arg-type]
+            items = await asyncio.wrap_future(future)
+        return iter([stream_item_to_pb_response(result) for result, _ in items])
+
     async def async_infer(self, request: Any) -> Any:
         req = pb_request_to_infer_request(request)
         problem = self._unavailable()
@@ -216,6 +295,13 @@ class EngineBridge:
         except ElastiserveError as exc:
             result = exc
         return result_to_pb_response(result)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop | None) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 # -- in-process instances -----------------------------------------------------------------------
@@ -235,7 +321,6 @@ def _close_default_bridge(bridge: EngineBridge) -> None:
     if bridge in _LIVE_BRIDGES:
         _LIVE_BRIDGES.remove(bridge)
         pb._set_default_bridge(_LIVE_BRIDGES[-1] if _LIVE_BRIDGES else None)
-
 
 
 class InProcessInstance:
@@ -384,7 +469,10 @@ class _Worker:
         ``on_death(description)`` runs once if the worker goes away."""
         self._replies = queue.SimpleQueue()
         self._reader = threading.Thread(
-            target=self._read_loop, args=(on_response, on_death), name=f"python-worker-{self.pid}", daemon=True
+            target=self._read_loop,
+            args=(on_response, on_death),
+            name=f"python-worker-{self.pid}",
+            daemon=True,
         )
         self._reader.start()
 
@@ -405,7 +493,7 @@ class _Worker:
                         pb._METRICS.apply_ops(metric_ops)
                     result = None if packed is None else unpack_results([packed])[0]
                     on_response(token, result, final)
-                elif kind == "bls":
+                elif kind in ("bls", "bls_stream"):
                     threading.Thread(target=self._relay_bls, args=(message,), daemon=True).start()
                 else:
                     replies.put(message)
@@ -418,8 +506,9 @@ class _Worker:
         on_death(description)
 
     def _relay_bls(self, message: tuple[Any, ...]) -> None:
-        _, request, timeout, call_id = message
-        result = self.bridge.run(request, timeout)
+        kind, request, timeout, call_id = message
+        run = self.bridge.collect_stream if kind == "bls_stream" else self.bridge.run
+        result = run(request, timeout)
         with contextlib.suppress(WorkerDied):
             self.send(("bls_result", result, call_id))
 
@@ -439,9 +528,10 @@ class _Worker:
                 continue
             try:
                 message = self.channel.recv()
-                if message[0] == "bls":
-                    _, request, bls_timeout = message
-                    self.channel.send(("bls_result", self.bridge.run(request, bls_timeout)))
+                if message[0] in ("bls", "bls_stream"):
+                    kind, request, bls_timeout = message
+                    run = self.bridge.collect_stream if kind == "bls_stream" else self.bridge.run
+                    self.channel.send(("bls_result", run(request, bls_timeout)))
                     continue
             except ChannelClosed as exc:
                 raise WorkerDied(self.exit_description()) from exc
@@ -695,7 +785,9 @@ class DecoupledProcessInstance(ProcessInstance):
                 self._worker = None
                 worker.kill()
                 self._on_death(worker, str(exc))
-                log.error("python model instance '%s' worker process %s during a decoupled execute", self.name, exc)
+                log.error(
+                    "python model instance '%s' worker process %s during a decoupled execute", self.name, exc
+                )
                 if not self._closing:
                     threading.Thread(
                         target=self._background_restart, name=f"restart-{self.name}", daemon=True

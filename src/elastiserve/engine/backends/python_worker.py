@@ -29,6 +29,7 @@ import struct
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -205,6 +206,12 @@ def pb_request_to_infer_request(request: Any) -> InferRequest:
         outputs=[RequestedOutput(name) for name in request.requested_output_names()],
         parameters=params,
     )
+
+
+def stream_item_to_pb_response(result: InferResponse | ElastiserveError | None) -> Any:
+    """One response of a decoupled BLS call; the bare FINAL (None) is an empty response, as in
+    Triton, whose iterator also ends with it when the model sent FINAL on its own."""
+    return pb.InferenceResponse() if result is None else result_to_pb_response(result)
 
 
 def result_to_pb_response(result: InferResponse | ElastiserveError) -> Any:
@@ -616,6 +623,17 @@ class _IPCBridge:
     async def async_infer(self, request: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, self.infer, request, None)
 
+    def infer_decoupled(self, request: Any, timeout: float | None) -> Iterator[Any]:
+        """All of the stream's responses come back in one message (not one by one)."""
+        req = pb_request_to_infer_request(request)
+        with self.lock:
+            self.channel.send(("bls_stream", req, timeout))
+            _, items = self.channel.recv()
+        return iter([stream_item_to_pb_response(result) for result, _ in items])
+
+    async def async_infer_decoupled(self, request: Any) -> Iterator[Any]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.infer_decoupled, request, None)
+
 
 class _IPCSink:
     """Worker side of a decoupled request's stream: each response goes to the engine at once,
@@ -654,18 +672,29 @@ class _DemuxIPCBridge:
         self.pending: dict[int, list[Any]] = {}
         self.lock = threading.Lock()
 
-    def infer(self, request: Any, timeout: float | None) -> Any:
+    def _call(self, kind: str, request: Any, timeout: float | None) -> Any:
         req = pb_request_to_infer_request(request)
         call_id = next(self.ids)
         slot: list[Any] = [threading.Event(), None]
         with self.lock:
             self.pending[call_id] = slot
-        self.send(("bls", req, timeout, call_id))
+        self.send((kind, req, timeout, call_id))
         slot[0].wait()
-        return result_to_pb_response(slot[1])
+        return slot[1]
+
+    def infer(self, request: Any, timeout: float | None) -> Any:
+        return result_to_pb_response(self._call("bls", request, timeout))
 
     async def async_infer(self, request: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, self.infer, request, None)
+
+    def infer_decoupled(self, request: Any, timeout: float | None) -> Iterator[Any]:
+        """All of the stream's responses come back in one message (not one by one)."""
+        items = self._call("bls_stream", request, timeout)
+        return iter([stream_item_to_pb_response(result) for result, _ in items])
+
+    async def async_infer_decoupled(self, request: Any) -> Iterator[Any]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.infer_decoupled, request, None)
 
     def deliver(self, call_id: int, result: Any) -> None:
         with self.lock:

@@ -486,18 +486,28 @@ class InferenceRequest:
             )
         return self._response_sender
 
-    def exec(self, decoupled: bool = False) -> InferenceResponse:
+    def exec(self, decoupled: bool = False) -> Any:
         """BLS: run this request on another model of the same server and wait for the response.
 
         Errors come back inside the response (``has_error()``), as in Triton; ``timeout`` given
-        to the constructor is in microseconds, as Triton's.
+        to the constructor is in microseconds, as Triton's. With ``decoupled=True`` (a decoupled
+        model, or any model) the result is an iterator of its responses as they come; the last
+        one may be empty (the model sent the FINAL flag on its own). Leaving the loop early
+        cancels the request.
         """
         timeout = self._timeout / 1e6 if self._timeout else None
-        return _bls_bridge(self, decoupled).infer(self, timeout)
+        bridge = _bls_bridge(self)
+        if decoupled:
+            return bridge.infer_decoupled(self, timeout)
+        return bridge.infer(self, timeout)
 
-    def async_exec(self, decoupled: bool = False) -> Awaitable[InferenceResponse]:
-        """BLS from an ``async def execute``: ``response = await request.async_exec()``."""
-        return _bls_bridge(self, decoupled).async_infer(self)
+    def async_exec(self, decoupled: bool = False) -> Awaitable[Any]:
+        """BLS from an ``async def execute``: ``response = await request.async_exec()``; with
+        ``decoupled=True`` it resolves to an iterator of every response (collected first)."""
+        bridge = _bls_bridge(self)
+        if decoupled:
+            return bridge.async_infer_decoupled(self)
+        return bridge.async_infer(self)
 
     def __repr__(self) -> str:
         names = [t.name() for t in self._inputs]
@@ -946,6 +956,12 @@ class _BLSBridge(Protocol):
 
     def async_infer(self, request: InferenceRequest) -> Awaitable[InferenceResponse]: ...
 
+    def infer_decoupled(
+        self, request: InferenceRequest, timeout: float | None
+    ) -> Iterator[InferenceResponse]: ...
+
+    def async_infer_decoupled(self, request: InferenceRequest) -> Awaitable[Iterator[InferenceResponse]]: ...
+
 
 _bridge_local = threading.local()
 _default_bridge: _BLSBridge | None = None
@@ -964,9 +980,7 @@ def _set_thread_bridge(bridge: _BLSBridge | None) -> _BLSBridge | None:
     return previous
 
 
-def _bls_bridge(request: InferenceRequest, decoupled: bool) -> _BLSBridge:
-    if decoupled:
-        raise TritonModelException("decoupled BLS (exec(decoupled=True)) is not supported yet by elastiserve")
+def _bls_bridge(request: InferenceRequest) -> _BLSBridge:
     if not request.model_name():
         raise TritonModelException("BLS request needs model_name")
     bridge = getattr(_bridge_local, "bridge", None) or _default_bridge
