@@ -184,6 +184,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument(
+        "--json-out", type=Path, help="also write the summary rows as JSON (bench/run.py reads it)"
+    )
     a = ap.parse_args()
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -340,6 +343,7 @@ def main() -> int:
         "| CPU µs/req (instance for direct, else proxy) | non-2xx |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    summary = []
     for label, runs in results.items():
         rps = statistics.median(r["rps"] for r in runs)
         p50 = statistics.median(r["p50_ms"] for r in runs)
@@ -353,6 +357,25 @@ def main() -> int:
         print(
             f"| {label} | {rps:,.0f} | {rps / base - 1:+.0%} | {paired:+.0%} | {p50:.2f} | {p50 - base_p50:+.2f} "
             f"| {p99:.2f} | {cpu:.1f} | {bad} |"
+        )
+        summary.append(
+            {
+                "path": label,
+                "rps": rps,
+                "vs_direct_paired": paired,
+                "p50_ms": p50,
+                "p50_vs_direct_ms": p50 - base_p50,
+                "p99_ms": p99,
+                "cpu_us_per_req": cpu,
+                "failed": bad,
+            }
+        )
+    if a.json_out:
+        a.json_out.write_text(
+            json.dumps(
+                {"connections": a.connections, "rounds": a.rounds, "duration": a.duration, "rows": summary},
+                indent=1,
+            )
         )
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (this machine is shared; spread is large)")
     shutil.rmtree(tmp, ignore_errors=True)

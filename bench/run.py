@@ -811,6 +811,23 @@ def markdown(data: dict[str, Any]) -> str:
                 )
             if "wrk_rps" in row:
                 lines.append(f"| {row['server']} with wrk (C) | http | 64 | {_n(row['wrk_rps'])} | - |")
+    gateway = data.get("gateway")
+    if gateway and gateway.get("rows"):
+        lines += [
+            "",
+            f"## Gateway vs direct vs nginx (identity_fp32, HTTP, {gateway['connections']} connections, "
+            f"wrk, median of {gateway['rounds']} x {gateway['duration']} s)",
+            "",
+            "| path | req/s | vs direct (same round) | p50 ms | p50 vs direct | p99 ms | proxy CPU µs/req | failed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for g in gateway["rows"]:
+            lines.append(
+                f"| {g['path']} | {_n(g['rps'])} | {g['vs_direct_paired']:+.0%} | {g['p50_ms']:.2f} | "
+                f"{g['p50_vs_direct_ms']:+.2f} | {g['p99_ms']:.2f} | {g['cpu_us_per_req']:.1f} | {g['failed']} |"
+            )
+    elif gateway and gateway.get("error"):
+        lines += ["", f"Gateway comparison failed: {gateway['error']}"]
     errors = [r for r in rows if r.get("error")]
     warnings = sorted({w for row in rows for r in row.get("results", []) for w in r.get("warnings", [])})
     if errors or warnings:
@@ -890,6 +907,27 @@ def cpu_model() -> str:
 
 
 # -- main --------------------------------------------------------------------------------------------------
+def gateway_comparison(args: argparse.Namespace, work: Path) -> dict[str, Any] | None:
+    """The platform's gateway next to nginx (Debian) in front of the same instance, both layouts
+    (proxy on the generator's core / on the instance's core): ``bench/gateway_vs_direct.py``,
+    which drives all of them with wrk (C) so the proxies are what is measured."""
+    out = work / "gateway.json"
+    rounds, duration = ("1", "3") if args.quick else ("3", "5")
+    log("gateway vs direct vs nginx ...")
+    done = subprocess.run(
+        [PYTHON, str(ROOT / "bench" / "gateway_vs_direct.py"), "--rounds", rounds, "--duration", duration,
+         "--json-out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )  # fmt: skip
+    if done.returncode != 0 or not out.exists():
+        log(f"gateway comparison failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        return {"error": (done.stderr or done.stdout).strip()[-500:] or f"exit code {done.returncode}"}
+    return json.loads(out.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -904,6 +942,9 @@ def main() -> int:
     parser.add_argument("--name", default=None, help="results file stem [<date>-<host>]")
     parser.add_argument("--no-install", action="store_true", help="do not install missing anchors")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the generator-ceiling calibration")
+    parser.add_argument(
+        "--no-gateway", action="store_true", help="skip the gateway vs direct vs nginx comparison"
+    )
     parser.add_argument(
         "--readme", action="store_true", help="regenerate README's Performance section from the results"
     )
@@ -974,6 +1015,7 @@ def main() -> int:
         for server in servers:
             data["runs"] += run_server(server, repos, work, cases, args)
         data["ceiling"] = [] if args.no_ceiling else generator_ceiling(args, work)
+        data["gateway"] = None if args.no_gateway else gateway_comparison(args, work)
     data["ratios"] = ratios(data["runs"], data["inprocess"])
     data["targets"] = targets(data["ratios"])
     data["elapsed_s"] = round(time.monotonic() - started, 1)
