@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,10 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from elastiserve.controlplane.spec import parse_spec
+from elastiserve.controlplane.store import InstanceRecord
 from elastiserve.loadgen import LevelSpec, TargetOptions, build_workload, fetch_metadata, run_benchmark
 from elastiserve.loadgen.report import LevelResult
 from elastiserve.loadgen.workload import parse_shape_option
 from elastiserve.testing import RunningEngine, free_port, running_engine
+
+from ..conftest import ControlPlane
 
 MODEL = "identity_fp32"
 
@@ -100,9 +105,13 @@ def test_metadata_is_read_from_the_server(engine: RunningEngine) -> None:
         fetch_metadata(TargetOptions(url=f"127.0.0.1:{free_port()}", timeout=2), MODEL)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "elastiserve", "bench", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "elastiserve", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env} if env else None,
     )
 
 
@@ -183,3 +192,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(args: list[str]) -> None:
 def test_cli_unreachable_server_is_one_line(tmp_path: Path) -> None:
     out = cli("-m", MODEL, "-u", f"127.0.0.1:{free_port()}", "--duration", "0.2")
     assert out.returncode == 1 and out.stderr.startswith("error: cannot reach"), out.stderr
+
+
+def test_cli_service_direct_connect_through_the_control_plane(engine: RunningEngine, cp: ControlPlane) -> None:
+    spec = {"name": "svc", "processor": "triton", "processor_params": ["--model-repository=/unused"]}
+    cp.store.create_service(parse_spec(spec))
+    cp.store.upsert_instance(
+        InstanceRecord(
+            id="svc-1",
+            service="svc",
+            version=1,
+            address="127.0.0.1",
+            port=engine.http_port,
+            status="Running",
+            ready=True,
+            extra={"grpc_port": engine.grpc_port},
+        )
+    )
+    env = {"ELASTISERVE_TOKEN": cp.admin}
+    common = ["-m", MODEL, "--endpoint", cp.url, "--duration", "0.3", "--warmup", "0", "--json", "-"]
+    for protocol, url in (("http", engine.http_url), ("grpc", engine.grpc_url)):
+        out = cli("--service", "svc", "--direct", "-i", protocol, *common, env=env)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["target"]["url"].endswith(url) and report["results"][0]["requests"] > 0
+    # Clear errors: an unknown service, no gateway published, --direct alone.
+    out = cli("--service", "nope", *common, env=env)
+    assert out.returncode == 1 and "service 'nope' not found" in out.stderr, out.stderr
+    out = cli("--service", "svc", *common, env=env)
+    assert out.returncode == 2 and "publishes no gateway endpoint" in out.stderr, out.stderr
+    out = cli("--direct", *common, env=env)
+    assert out.returncode == 2 and out.stderr == "error: --direct needs --service\n", out.stderr

@@ -68,6 +68,18 @@ def _header(text: str) -> tuple[str, str]:
     help="server: host:port, http://host:port/PREFIX (e.g. a gateway's /api/predict/SERVICE) "
     "[default 127.0.0.1:8000 (http), 127.0.0.1:8001 (grpc)]",
 )
+@click.option(
+    "--service",
+    metavar="NAME",
+    help="an elastiserve service: its gateway URL and token come from the control plane "
+    "(--endpoint / ELASTISERVE_ENDPOINT, admin token from ELASTISERVE_TOKEN or the state dir)",
+)
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="with --service: load one ready instance directly (direct connect) instead of the gateway",
+)
+@click.option("--endpoint", metavar="URL", help="control plane for --service [env ELASTISERVE_ENDPOINT]")
 @click.option("-i", "--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
 @click.option(
     "--concurrency", "concurrency_text", metavar="N[,N...]", help="closed loop: clients [default 1]"
@@ -130,6 +142,9 @@ def bench(
     model: str,
     model_version: str,
     url: str | None,
+    service: str | None,
+    direct: bool,
+    endpoint: str | None,
     protocol: str,
     concurrency_text: str | None,
     rate_text: str | None,
@@ -166,6 +181,10 @@ def bench(
     if json_path == "-" and csv_path == "-":
         _usage("--json - and --csv - cannot both go to stdout")
     header_list = [_header(h) for h in headers]
+    if service:
+        url, token = _service_target(service, direct, endpoint, protocol, url, token)
+    elif direct:
+        _usage("--direct needs --service")
     if token:
         header_list.append(("Authorization", token))
     options = TargetOptions(
@@ -251,6 +270,43 @@ def bench(
         _write(csv_path, report.to_csv())
     if all(r.requests == 0 for r in report.results):
         sys.exit(EXIT_FAILED)
+
+
+def _service_target(
+    service: str, direct: bool, endpoint: str | None, protocol: str, url: str | None, token: str | None
+) -> tuple[str, str | None]:
+    """The URL (and service token) of ``service``: its gateway endpoint, or one ready instance."""
+    from elastiserve.client.controlplane import ControlPlaneClient, ControlPlaneError
+    from elastiserve.controlplane.spec import REDACTED
+
+    if url:
+        _usage("--service and --url exclude each other")
+    try:
+        with ControlPlaneClient(endpoint) as client:
+            view = client.get_service(service)
+            if direct:
+                ready = client.endpoints(service).endpoints
+                if not ready:
+                    click.echo(f"error: service '{service}' has no ready instance", err=True)
+                    sys.exit(EXIT_FAILED)
+                chosen = ready[0]
+                port = chosen.get("port") if protocol == "http" else chosen.get("grpc_port")
+                if not port:
+                    _usage(f"service '{service}' publishes no gRPC port for direct connect")
+                return f"{chosen['ip']}:{port}", token
+    except ControlPlaneError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    if protocol == "grpc":
+        _usage("--service over gRPC needs --direct (or --url with the gateway's gRPC port)")
+    if not view.get("endpoint"):
+        _usage(f"the control plane publishes no gateway endpoint for '{service}'; use --direct")
+    shown = (view.get("spec") or {}).get("token")
+    if token is None and shown and shown != REDACTED:
+        token = shown
+    elif token is None and shown == REDACTED:
+        _usage("the control plane showed the service token redacted (no admin token): pass --token")
+    return str(view["endpoint"]), token
 
 
 def _load(result: Any) -> str:
