@@ -5,10 +5,14 @@ the scheduler runs tiny models) behind its two transports, the obvious alternati
 calibration servers that only echo the tensor, real Triton 2.51 and the real engine, all in
 one interleaved run:
 
+  h2            our frontend, transport "h2" (our own HTTP/2 asyncio protocol, no grpcio server)
+  h2-task       transport "h2" with one task per call instead of driving handlers eagerly
+  h2-nocache    transport "h2" without the per-connection HPACK header-block cache
   core          our frontend, transport "core" (C-core completion queue + one poller thread)
   aio           our frontend, transport "aio" (grpc.aio generic handlers, raw bytes)
   sync-hop      our frontend's handlers behind the sync grpc.server (thread pool of 4), each
                 call hopping to the dataplane's uvloop with run_coroutine_threadsafe
+  bare-h2       transport "h2" with a handler that only echoes the tensor (its ceiling)
   bare-core     transport "core" with a handler that only echoes the tensor (the ceiling)
   bare-aio      the naive grpc.aio servicer from service_pb2_grpc (anchors.md calibration)
   bare-sync     sync grpc.server + generic handler, echo only, no dataplane
@@ -42,7 +46,11 @@ TRITON_START = ROOT.parent / "shared" / "anchors" / "triton" / "start.sh"
 sys.path.insert(0, str(ROOT))  # tests.engine.grpc_fake: the fake dataplane
 
 SERVICE = "inference.GRPCInferenceService"
-MODES = ["core", "aio", "sync-hop", "bare-core", "bare-aio", "bare-sync", "triton", "engine"]
+MODES = [
+    "h2", "h2-task", "h2-nocache", "core", "aio", "sync-hop", "bare-h2", "bare-core", "bare-aio", "bare-sync",
+    "triton", "engine", "engine-core",
+]  # fmt: skip
+_FRONTEND_MODES = ("h2", "h2-task", "h2-nocache", "core", "aio", "bare-h2", "bare-core")
 
 
 def _echo(data: bytes) -> bytes:
@@ -100,12 +108,12 @@ def serve(mode: str, port: int) -> None:
         return
 
     async def main() -> None:
-        if mode in ("core", "aio", "bare-core"):
+        if mode in _FRONTEND_MODES:
             from elastiserve.engine.frontends import grpc as frontend
             from tests.engine.grpc_fake import make_dataplane
 
             dataplane = make_dataplane()[0]
-            if mode == "bare-core":
+            if mode.startswith("bare-"):
 
                 async def echo(data: bytes) -> bytes:
                     return _echo(data)
@@ -124,7 +132,15 @@ def serve(mode: str, port: int) -> None:
                 pairs = [kv.split("=", 1) for kv in extra.split(";")]
                 options_extra = [(k, int(v) if v.lstrip("-").isdigit() else v) for k, v in pairs]
                 frontend.server_options = lambda size: base(size) + options_extra  # type: ignore[assignment]
-            transport = "aio" if mode == "aio" else "core"
+            if mode == "h2-task":
+                from elastiserve.engine.frontends.grpc_h2 import H2Transport
+
+                H2Transport.eager = False
+            if mode == "h2-nocache":
+                from elastiserve.engine.frontends import grpc_h2
+
+                grpc_h2._CACHE_BLOCKS = 0  # every block is decoded (the cache is cleared before each add)
+            transport = mode.removeprefix("bare-").split("-")[0]
             await frontend.start_grpc_server(dataplane, "127.0.0.1", port, transport=transport)
         else:  # bare-aio: what the obvious servicer looks like
             from tritonclient.grpc import service_pb2_grpc
@@ -156,13 +172,15 @@ def _start(mode: str, port: int) -> subprocess.Popen[bytes]:
             env={**os.environ, "TRITON_EXTRA_ARGS": extra},
             **quiet,
         )  # fmt: skip
-    if mode == "engine":
+    if mode in ("engine", "engine-core"):
+        transport = "core" if mode == "engine-core" else "h2"
         return subprocess.Popen(
             [
                 "taskset", "-c", "0", sys.executable, "-m", "elastiserve", "serve",
                 f"--model-repository={TRITON_START.parent / 'models'}", "--grpc-address=127.0.0.1",
                 f"--grpc-port={port}", "--allow-http=false", "--allow-metrics=false",
             ],
+            env={**os.environ, "ELASTISERVE_GRPC_TRANSPORT": transport},
             **quiet,
         )  # fmt: skip
     return subprocess.Popen(
@@ -267,14 +285,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
-    s.add_argument("--mode", required=True, choices=[m for m in MODES if m not in ("triton", "engine")])
+    s.add_argument(
+        "--mode", required=True, choices=[m for m in MODES if m not in ("triton", "engine", "engine-core")]
+    )
     s.add_argument("--port", type=int, required=True)
     r = sub.add_parser("run")
     r.add_argument("--modes", default="triton,core,aio,sync-hop,bare-core,bare-aio,bare-sync")
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--duration", type=int, default=8)
     r.add_argument("--clients", type=int, default=16)
-    r.add_argument("--model", default="identity_fp32", choices=["identity_fp32", "add_sub"])
+    r.add_argument(
+        "--model", default="identity_fp32", choices=["identity_fp32", "add_sub", "identity_fp32_dynbatch"]
+    )
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a.mode, a.port)

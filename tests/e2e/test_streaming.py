@@ -1,5 +1,5 @@
 """Decoupled models and streaming in a real ``elastiserve serve`` process: NVIDIA's tritonclient
-over gRPC ``ModelStreamInfer`` (sync and aio clients, both gRPC transports) and Triton's HTTP
+over gRPC ``ModelStreamInfer`` (sync and aio clients, every gRPC transport) and Triton's HTTP
 ``generate`` / ``generate_stream`` extension; clients that go away cancel their requests."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.engine.decoupled_models import write_decoupled_repo
 TIMEOUT = 30.0
 
 
-@pytest.fixture(scope="module", params=["core", "aio"])
+@pytest.fixture(scope="module", params=["h2", "core", "aio"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
     repo = write_decoupled_repo(tmp_path_factory.mktemp(f"streaming-{request.param}"))
     env = {"ELASTISERVE_GRPC_TRANSPORT": request.param}

@@ -1,4 +1,4 @@
-"""The gRPC frontend driven by the real ``tritonclient.grpc`` (sync), on both transports: every
+"""The gRPC frontend driven by the real ``tritonclient.grpc`` (sync), on every transport: every
 RPC, every datatype, parameters, and every bad request (status code + message, then a good
 request still works)."""
 
@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from tests.engine.grpc_fake import GrpcServerThread
 
 
-@pytest.fixture(scope="module", params=["core", "aio"])
+@pytest.fixture(scope="module", params=["h2", "core", "aio"])
 def server(request: pytest.FixtureRequest) -> Iterator[GrpcServerThread]:
     thread = GrpcServerThread(transport=request.param).start()
     assert thread.handle is not None and thread.handle.transport == request.param

@@ -1,5 +1,5 @@
 """The gRPC server's lifecycle and limits, driven by ``tritonclient.grpc.aio`` from the same
-event loop as the server (as the engine runs it), on both transports."""
+event loop as the server (as the engine runs it), on every transport."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from elastiserve.engine.frontends.grpc_transport import CoreUnavailable, grpc_ad
 from elastiserve.testing import free_port
 from tests.engine.grpc_fake import FakeRegistry, GrpcServerThread, make_dataplane
 
-TRANSPORTS = ["core", "aio"]
+TRANSPORTS = ["h2", "core", "aio"]
 
 
 class Running:
@@ -143,7 +143,7 @@ async def test_port_in_use_fails(transport: str) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_stream_infer_with_a_plain_model(transport: str) -> None:
-    """ModelStreamInfer on both transports: one final response per request of a non-decoupled
+    """ModelStreamInfer on every transport: one final response per request of a non-decoupled
     model, errors in error_message while the stream goes on, the status once the client is done."""
     server = GrpcServerThread(transport=transport).start()
     try:
@@ -178,13 +178,20 @@ async def test_transport_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     handle = await start_grpc_server(dataplane, "127.0.0.1", 0)
     assert handle.transport == "aio"
     await handle.close(0.1)
+    monkeypatch.setenv(grpc_frontend.TRANSPORT_ENV, "CORE")
+    handle = await start_grpc_server(dataplane, "127.0.0.1", 0)
+    assert handle.transport == "core"
+    await handle.close(0.1)
     monkeypatch.delenv(grpc_frontend.TRANSPORT_ENV)
+    handle = await start_grpc_server(dataplane, "127.0.0.1", 0)
+    assert handle.transport == grpc_frontend.DEFAULT_TRANSPORT == "h2"
+    await handle.close(0.1)
 
     def unavailable(*args: object) -> None:
         raise CoreUnavailable("cygrpc changed")
 
     monkeypatch.setattr(grpc_frontend, "CoreTransport", unavailable)
-    handle = await start_grpc_server(dataplane, "127.0.0.1", 0)
+    handle = await start_grpc_server(dataplane, "127.0.0.1", 0, transport="core")
     assert handle.transport == "aio"  # fell back, and serves
     async with aioclient.InferenceServerClient(f"127.0.0.1:{handle.port}") as client:
         assert await client.is_server_live()
@@ -198,7 +205,7 @@ async def test_fixed_port_and_addresses() -> None:
     dataplane, _ = make_dataplane()
     port = free_port()
     handle = await start_grpc_server(dataplane, "127.0.0.1", port)
-    assert handle.port == port and handle.transport == "core"
+    assert handle.port == port and handle.transport == "h2"
     async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
         live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
         assert await live(b"") == b"\x08\x01"  # ServerLiveResponse(live=True)

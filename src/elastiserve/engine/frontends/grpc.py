@@ -7,9 +7,10 @@ messages follow Triton's ``src/grpc/grpc_server.cc`` / ``infer_handler.cc``; eve
 :class:`~elastiserve.errors.ElastiserveError` mapped by its ``grpc_code_name``, so a bad
 request gets a status and a message, never a traceback, and the server keeps serving.
 
-The transport (:mod:`.grpc_transport`) is chosen for speed: by default gRPC's C core is polled
-by one thread and every handler runs on the caller's event loop (the dataplane's), which is
-what makes this frontend faster than Triton's per core (docs/grpc-stack.md).
+The transport is chosen for speed: by default (``h2``, :mod:`.grpc_h2`) gRPC over HTTP/2 is
+served by our own asyncio protocol, every handler running on the caller's event loop (the
+dataplane's) with no grpcio server at all; ``core`` (gRPC's C core polled by one thread) and
+``aio`` (``grpc.aio``) stay selectable (:mod:`.grpc_transport`, docs/grpc-stack.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from elastiserve.engine.dataplane import DataPlane
 from elastiserve.engine.frontends.grpc_codec import decode_infer_request, encode_infer_response
+from elastiserve.engine.frontends.grpc_h2 import H2Transport
 from elastiserve.engine.frontends.grpc_transport import (
     AioTransport,
     CoreTransport,
@@ -43,6 +45,8 @@ log = logging.getLogger("elastiserve.engine.grpc")
 SERVICE = "inference.GRPCInferenceService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 TRANSPORT_ENV = "ELASTISERVE_GRPC_TRANSPORT"
+TRANSPORTS = ("h2", "core", "aio")
+DEFAULT_TRANSPORT = "h2"  # docs/grpc-stack.md: chosen by benchmark
 
 # Request parameter asking for an empty response that carries only the FINAL flag (tritonclient's
 # ``enable_empty_final_response``); every streamed response says whether it is the final one.
@@ -76,7 +80,9 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 class GrpcServerHandle:
     """A running gRPC frontend: ``port`` (the bound one, useful with port 0) and ``close``."""
 
-    def __init__(self, transport: CoreTransport | AioTransport, port: int, transport_name: str) -> None:
+    def __init__(
+        self, transport: H2Transport | CoreTransport | AioTransport, port: int, transport_name: str
+    ) -> None:
         self._transport = transport
         self.port = port
         self.transport = transport_name
@@ -105,8 +111,9 @@ async def start_grpc_server(
     """Serve ``GRPCInferenceService`` on ``host:port`` (0 picks a free port) for ``dataplane``.
 
     Must be called from the dataplane's event loop: every RPC handler runs on it. ``transport``
-    ("core" or "aio"; default from ``$ELASTISERVE_GRPC_TRANSPORT``, else "core") exists for
-    tests and benchmarks; "core" falls back to "aio" when grpcio's internals do not match.
+    ("h2", "core" or "aio"; default from ``$ELASTISERVE_GRPC_TRANSPORT``, else
+    ``DEFAULT_TRANSPORT``) exists for tests, benchmarks and as an escape hatch; "core" falls back
+    to "aio" when grpcio's internals do not match.
     """
     loop = asyncio.get_running_loop()
     servicer = InferenceServicer(dataplane)
@@ -114,11 +121,13 @@ async def start_grpc_server(
     stream_handlers = {f"/{SERVICE}/ModelStreamInfer": servicer.model_stream_infer}
     unimplemented: dict[str, str] = {}
     options = server_options(max_message_bytes)
-    name = (transport or os.environ.get(TRANSPORT_ENV) or "core").lower()
-    if name not in ("core", "aio"):
-        raise ValueError(f"unknown gRPC transport {name!r}: expected 'core' or 'aio'")
-    server: CoreTransport | AioTransport
-    if name == "core":
+    name = (transport or os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT).lower()
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown gRPC transport {name!r}: expected one of {', '.join(TRANSPORTS)}")
+    server: H2Transport | CoreTransport | AioTransport
+    if name == "h2":
+        server = H2Transport(loop, handlers, unimplemented, options, stream_handlers)
+    elif name == "core":
         try:
             server = CoreTransport(loop, handlers, unimplemented, options, stream_handlers)
         except CoreUnavailable as exc:

@@ -1,7 +1,7 @@
 """Transports that serve bytes-in/bytes-out unary gRPC methods whose handlers run on the engine's
 event loop.
 
-``core`` (the default) drives gRPC's C core directly through grpcio's Cython layer: one
+``core`` (the default before ``h2``, :mod:`.grpc_h2`) drives gRPC's C core directly through grpcio's Cython layer: one
 daemon thread blocks in ``CompletionQueue.poll`` (GIL released), accepts calls, reads the
 request message and queues ``(call, handler, bytes)`` for the event loop, waking it once per
 batch; the handler runs as a task on the loop (the same loop, and thread, as the dataplane,
