@@ -576,7 +576,7 @@ def generator_ceiling(args: argparse.Namespace, work: Path) -> list[dict[str, An
                 str(ROOT / "bench" / "grpc_stack.py"),
                 "serve",
                 "--mode",
-                "bare-core",
+                "bare-h2",
                 "--port",
                 str(port),
             ],
@@ -591,7 +591,7 @@ def generator_ceiling(args: argparse.Namespace, work: Path) -> list[dict[str, An
             f"127.0.0.1:{port}", "grpc", "identity_fp32", ("INPUT0:16",), ("OUTPUT0",), clients, args
         )
         rows.append(
-            {"server": "echo-only gRPC (bench/grpc_stack.py bare-core)", "protocol": "grpc", **report}
+            {"server": "echo-only gRPC (bench/grpc_stack.py bare-h2)", "protocol": "grpc", **report}
         )
     finally:
         stop(process)
