@@ -41,7 +41,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Coroutine, Generator, Mapping
 from typing import Any
 
 import grpc
@@ -49,7 +49,13 @@ from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.table import HeaderTable
 
-from elastiserve.engine.frontends.grpc_transport import ChannelOptions, Handler, StreamHandler, status_of
+from elastiserve.engine.frontends.grpc_transport import (
+    ChannelOptions,
+    Handler,
+    StreamHandler,
+    StreamInbox,
+    status_of,
+)
 
 log = logging.getLogger("elastiserve.engine.grpc")
 
@@ -1188,7 +1194,7 @@ class H2Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class H2StreamCall:
+class H2StreamCall(StreamInbox):
     """:class:`~.grpc_transport.StreamCall` on the ``h2`` transport. ``write`` may be called from
     any thread: off the loop it queues under a lock and wakes the loop once per burst, so order is
     kept and the connection is only touched on its loop."""
@@ -1196,30 +1202,13 @@ class H2StreamCall:
     threadsafe = True
 
     def __init__(self, conn: H2Connection, stream: _Stream) -> None:
+        super().__init__(conn.loop)
         self._conn = conn
         self._stream = stream
         self._loop_thread = conn.server._loop_thread
         self._lock = threading.Lock()
         self._outbox: collections.deque[bytes] = collections.deque()
         self._scheduled = False
-        self._inbox: collections.deque[bytes | None] = collections.deque()
-        self._reader: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[], None]] = []
-        self.cancelled = False
-
-    async def read(self) -> bytes | None:
-        while not self._inbox:
-            if self.cancelled:
-                return None
-            self._reader = self._conn.loop.create_future()
-            try:
-                await self._reader
-            finally:
-                self._reader = None
-        data = self._inbox[0]
-        if data is not None:  # None (half-closed) stays: every later read sees it too
-            self._inbox.popleft()
-        return data
 
     def write(self, data: bytes) -> None:
         if self.cancelled or self._stream.trailers is not None or self._stream.local_done:
@@ -1252,30 +1241,6 @@ class H2StreamCall:
             if self.cancelled or stream.local_done or stream.trailers is not None:
                 return
             self._conn._send_message(stream, data)
-
-    def add_cancel_callback(self, callback: Callable[[], None]) -> None:
-        if self.cancelled:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
-    def _deliver(self, data: bytes | None) -> None:
-        self._inbox.append(data)
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
-
-    def _on_cancelled(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        self._deliver(None)
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("a gRPC stream cancel callback failed")
 
 
 __all__ = ["H2Transport", "percent_encode"]

@@ -269,7 +269,6 @@ class CoreTransport:
         except Exception:  # a call the core already finished (cancelled): nothing to answer
             log.debug("could not send a gRPC status", exc_info=True)
 
-
     async def _serve_stream(self, stream: _CoreStream, handler: StreamHandler) -> None:
         try:
             await handler(stream)
@@ -300,7 +299,60 @@ class _StreamTag:
         self.kind = kind
 
 
-class _CoreStream:
+class StreamInbox:
+    """The receiving half every transport's :class:`StreamCall` shares, used on the loop:
+    request messages queued for :meth:`read` (None once the client half-closed or the call was
+    cancelled) and the cancel callbacks."""
+
+    __slots__ = ("_callbacks", "_inbox", "_inbox_loop", "_reader", "cancelled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._inbox_loop = loop
+        self._inbox: collections.deque[bytes | None] = collections.deque()
+        self._reader: asyncio.Future[None] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self.cancelled = False
+
+    async def read(self) -> bytes | None:
+        while not self._inbox:
+            if self.cancelled:
+                return None
+            self._reader = self._inbox_loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        data = self._inbox[0]
+        if data is not None:  # None (half-closed) stays: every later read sees it too
+            self._inbox.popleft()
+        return data
+
+    def add_cancel_callback(self, callback: Callable[[], None]) -> None:
+        if self.cancelled:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def _deliver(self, data: bytes | None) -> None:
+        self._inbox.append(data)
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    def _on_cancelled(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self._deliver(None)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("a gRPC stream cancel callback failed")
+
+
+class _CoreStream(StreamInbox):
     """A bidirectional streaming call on the core transport.
 
     The poller thread keeps one receive armed (re-arming on each message) and hands messages to
@@ -309,12 +361,9 @@ class _CoreStream:
     status follows the last message. A ``ReceiveCloseOnServer`` batch reports cancellation."""
 
     __slots__ = (
-        "_callbacks",
-        "_inbox",
         "_lock",
         "_metadata_sent",
         "_outbox",
-        "_reader",
         "_recv_tag",
         "_sending",
         "_sent_tag",
@@ -322,13 +371,13 @@ class _CoreStream:
         "_status_sent",
         "_transport",
         "call",
-        "cancelled",
         "dead",
     )
 
     threadsafe = True  # write() may be called from any thread (it takes the send lock)
 
     def __init__(self, transport: CoreTransport, call: Any) -> None:
+        super().__init__(transport._loop)
         self._transport = transport
         self.call = call
         self._lock = threading.Lock()
@@ -337,12 +386,8 @@ class _CoreStream:
         self._metadata_sent = False
         self._status: tuple[int, bytes] | None = None
         self._status_sent = False
-        self._inbox: collections.deque[bytes | None] = collections.deque()
-        self._reader: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[], None]] = []
         self._recv_tag = _StreamTag(self, _RECV)
         self._sent_tag = _StreamTag(self, _SENT)
-        self.cancelled = False
         self.dead = False  # the core finished the call: nothing more can be sent
 
     # -- poller thread ----------------------------------------------------------------------------
@@ -404,38 +449,6 @@ class _CoreStream:
             outbox.clear()
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _deliver(self, data: bytes | None) -> None:
-        self._inbox.append(data)
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
-
-    def _on_cancelled(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        self._deliver(None)
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("a gRPC stream cancel callback failed")
-
-    async def read(self) -> bytes | None:
-        while not self._inbox:
-            if self.cancelled:
-                return None
-            self._reader = self._transport._loop.create_future()
-            try:
-                await self._reader
-            finally:
-                self._reader = None
-        data = self._inbox[0]
-        if data is not None:  # None (half-closed) stays: every later read sees it too
-            self._inbox.popleft()
-        return data
-
     def write(self, data: bytes) -> None:
         with self._lock:
             if self.dead or self._status is not None:
@@ -449,12 +462,6 @@ class _CoreStream:
             # have the GIL now, or the queued responses would leave only when the model is done
             # (measured: the 2nd of 100 responses 0.7 ms after the 1st instead of 0.05 ms).
             time.sleep(0)
-
-    def add_cancel_callback(self, callback: Callable[[], None]) -> None:
-        if self.cancelled:
-            callback()
-        else:
-            self._callbacks.append(callback)
 
     def finish(self, code: int, details: bytes) -> None:
         """The handler is done: the status goes out after the queued messages."""
