@@ -236,3 +236,51 @@ def test_httpx_request_log_is_redacted(tmp_path: Path, caplog: pytest.LogCapture
         RepositoryCache(tmp_path / "cache").sync(f"{base}/repo.zip?token=abcdef123456")
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "abcdef123456" not in text and "HTTP Request" in text
+
+
+def test_archives_that_unpack_too_big_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from elastiserve.storage.http import extract_archive
+
+    monkeypatch.setenv("ELASTISERVE_MAX_ARCHIVE_BYTES", str(1 << 20))
+    zeros = bytes(4 << 20)  # compresses to a few KB: a small bomb
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("m/1/model.bin", zeros)
+    assert bomb.stat().st_size < 64 << 10
+    (tmp_path / "out-zip").mkdir()
+    with pytest.raises(StorageError, match=r"unpacks to more than 1,048,576 bytes; refusing to extract"):
+        extract_archive(bomb, ".zip", tmp_path / "out-zip", "bomb.zip")
+    tarball = tmp_path / "bomb.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        info = tarfile.TarInfo("m/1/model.bin")
+        info.size = len(zeros)
+        tar.addfile(info, io.BytesIO(zeros))
+    (tmp_path / "out-tar").mkdir()
+    with pytest.raises(StorageError, match="ELASTISERVE_MAX_ARCHIVE_BYTES"):
+        extract_archive(tarball, ".tar.gz", tmp_path / "out-tar", "bomb.tar.gz")
+    assert not any((tmp_path / "out-tar").iterdir())
+    # Under the limit it unpacks.
+    monkeypatch.setenv("ELASTISERVE_MAX_ARCHIVE_BYTES", str(8 << 20))
+    (tmp_path / "ok").mkdir()
+    extract_archive(bomb, ".zip", tmp_path / "ok", "bomb.zip")
+    assert (tmp_path / "ok" / "m" / "1" / "model.bin").stat().st_size == 4 << 20
+
+
+def test_a_zip_whose_directory_lies_about_sizes_is_stopped_while_unpacking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from elastiserve.storage.http import extract_archive
+
+    monkeypatch.setenv("ELASTISERVE_MAX_ARCHIVE_BYTES", str(1 << 20))
+    liar = tmp_path / "liar.zip"
+    with zipfile.ZipFile(liar, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.bin", bytes(2 << 20))
+    data = bytearray(liar.read_bytes())
+    # Rewrite the uncompressed size in the central directory (and the local header) to 10 bytes.
+    for signature, offset in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):
+        at = data.find(signature)
+        data[at + offset : at + offset + 4] = (10).to_bytes(4, "little")
+    liar.write_bytes(bytes(data))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(StorageError):
+        extract_archive(liar, ".zip", tmp_path / "out", "liar.zip")

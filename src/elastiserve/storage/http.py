@@ -111,6 +111,31 @@ def fetch_archive(
         raise StorageError(f"'{uri.redacted}': download failed: {type(exc).__name__}: {exc}") from None
 
 
+MAX_ARCHIVE_BYTES_ENV = "ELASTISERVE_MAX_ARCHIVE_BYTES"
+MAX_ARCHIVE_MEMBERS = 100_000
+
+
+def max_archive_bytes() -> int:
+    """How much an archive may unpack to (a zip bomb is refused, not extracted): 64 GiB unless
+    ``$ELASTISERVE_MAX_ARCHIVE_BYTES`` says otherwise."""
+    try:
+        return max(1, int(os.environ.get(MAX_ARCHIVE_BYTES_ENV, "")))
+    except ValueError:
+        return 64 << 30
+
+
+def _too_big(name: str, limit: int) -> StorageError:
+    return StorageError(
+        f"'{name}': the archive unpacks to more than {limit:,} bytes; refusing to extract "
+        f"(raise ${MAX_ARCHIVE_BYTES_ENV} if it is really that big)"
+    )
+
+
+def _check_count(count: int, name: str) -> None:
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise StorageError(f"'{name}': the archive has {count:,} members (at most {MAX_ARCHIVE_MEMBERS:,})")
+
+
 def extract_archive(archive: Path, suffix: str, dest: Path, name: str) -> None:
     """Unpack into ``dest`` (an empty folder) or raise :class:`StorageError`; ``name`` is for messages."""
     try:
@@ -152,6 +177,10 @@ def _inside(path: PurePosixPath) -> bool:
 def _extract_tar(archive: Path, dest: Path, name: str) -> None:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
+        _check_count(len(members), name)
+        limit = max_archive_bytes()
+        if sum(m.size for m in members if m.isfile()) > limit:  # tar headers carry the real sizes
+            raise _too_big(name, limit)
         for member in members:
             _check_name(member.name, name)
             if member.issym():
@@ -168,6 +197,11 @@ def _extract_zip(archive: Path, dest: Path, name: str) -> None:
     root = dest.resolve()
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        _check_count(len(infos), name)
+        limit = max_archive_bytes()
+        if sum(info.file_size for info in infos) > limit:
+            raise _too_big(name, limit)
+        written = 0  # sizes in a zip's directory can lie: count what is really unpacked
         for info in infos:
             _check_name(info.filename, name)
         for info in infos:
@@ -187,6 +221,9 @@ def _extract_zip(archive: Path, dest: Path, name: str) -> None:
                 raise StorageError(f"'{name}': archive member '{info.filename}' escapes the archive")
             with zf.open(info) as src, open(target, "wb") as out:
                 for block in iter(lambda: src.read(1 << 20), b""):
+                    written += len(block)
+                    if written > limit:
+                        raise _too_big(name, limit)
                     out.write(block)
             # The archive's time, as tar does: an unchanged file keeps its mtime across versions.
             with contextlib.suppress(ValueError, OverflowError, OSError):
