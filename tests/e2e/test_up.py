@@ -203,3 +203,41 @@ def test_gateway_outlives_up_and_is_adopted_unless_its_settings_changed(tmp_path
         platform.stop()
         assert gone(second)
         assert not (platform.state_dir / "gateway.pid").exists()
+
+
+def test_instances_listen_on_and_publish_the_instance_host(tmp_path: Path, example_repo: Path) -> None:
+    # Another loopback address stands for this machine's LAN address (tests use loopback only).
+    host_web = {
+        **WEB,
+        "name": "hostweb",
+        "containers": [
+            {
+                "command": f"exec {shlex.quote(sys.executable)} -m http.server $PORT --bind $HOST",
+                "port": 8000,
+                "readiness_check": {"http_get": {"path": "/"}},
+            }
+        ],
+        "metadata": {"instance": 1, "cpu": 0.5, "memory": 100},
+    }
+    engine = {
+        "name": "hostengine",
+        "processor": "triton",
+        "processor_params": [
+            f"--model-repository={example_repo}",
+            "--model-control-mode=explicit",
+            "--load-model=add_sub",
+        ],
+        "metadata": {"instance": 1, "cpu": 1, "memory": 500},
+    }
+    with running_platform(gateway=False, extra_args=["--instance-host", "127.0.0.2"]) as platform:
+        [web] = deploy(platform, tmp_path, host_web)
+        [eng] = deploy(platform, tmp_path, engine)
+        cp = platform.client()
+        for row, name in ((web, "hostweb"), (eng, "hostengine")):
+            assert row["address"] == "127.0.0.2"
+            assert {(e["ip"], e["port"]) for e in cp.endpoints(name).endpoints} == {("127.0.0.2", row["port"])}
+        assert httpx.get(f"http://127.0.0.2:{web['port']}/").status_code == 200
+        assert httpx.get(f"http://127.0.0.2:{eng['port']}/v2/health/ready").status_code == 200
+    # A wildcard cannot be published: a clear start error.
+    result = up("--state-dir", str(tmp_path / "wild"), "--instance-host", "0.0.0.0", "--no-gateway")
+    assert result.returncode == 1 and "give the address clients connect to" in result.stderr, result.stderr

@@ -29,6 +29,13 @@ DEFAULT_GATEWAY_PORT = 8480
     "--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True, help="API port"
 )
 @click.option(
+    "--instance-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address instances listen on and discovery publishes for direct connection "
+    "(this machine's LAN address to let clients elsewhere connect directly)",
+)
+@click.option(
     "--gateway-port",
     type=click.IntRange(1, 65535),
     default=DEFAULT_GATEWAY_PORT,
@@ -76,6 +83,7 @@ def up(
     state_dir: str | None,
     host: str,
     port: int,
+    instance_host: str,
     gateway_port: int,
     gateway_grpc_port: int | None,
     no_gateway: bool,
@@ -114,6 +122,7 @@ def up(
         state_dir=default_state_dir(state_dir),
         host=host,
         port=port,
+        instance_host=instance_host,
         gateway_port=None if no_gateway else gateway_port,
         gateway_grpc_port=None if no_gateway else gateway_grpc_port,
         stop_instances=stop_instances,

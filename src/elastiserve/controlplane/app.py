@@ -57,6 +57,7 @@ class PlatformOptions:
     state_dir: Path
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    instance_host: str = "127.0.0.1"  # where instances listen and what discovery publishes
     gateway_port: int | None = DEFAULT_GATEWAY_PORT  # None: no gateway
     gateway_grpc_port: int | None = None  # the gateway's gRPC proxy; None: off
     stop_instances: bool = False
@@ -311,6 +312,11 @@ class Platform:
         options = self.options
         self._lock.acquire()
         try:
+            if options.instance_host in ("", "0.0.0.0", "::"):
+                raise ConfigError(
+                    f"--instance-host {options.instance_host!r}: give the address clients connect to "
+                    "(instances listen on it and discovery publishes it), not a wildcard"
+                )
             check_port_free(options.host, options.port, "control plane")
             gateway = self._gateway_process() if options.gateway_port is not None else None
             if gateway is not None and not gateway.adopt():
@@ -320,7 +326,9 @@ class Platform:
                     check_port_free(options.host, options.gateway_grpc_port, "gateway gRPC")
             self.store = Store.open(self.state_dir)
             admin_token = load_or_create_admin_token(self.state_dir)
-            self.runtime = LocalRuntime(self.store, self.state_dir, capacity=options.capacity)
+            self.runtime = LocalRuntime(
+                self.store, self.state_dir, capacity=options.capacity, host=options.instance_host
+            )
             self.adopted = sum(1 for o in self.runtime.list_instances() if o.pid and o.phase != "Exited")
             self.reconciler = Reconciler(
                 self.store, self.runtime, drain_delay=options.drain_delay, period=options.period

@@ -616,6 +616,7 @@ class LocalRuntime:
                         )
         env.update({item.name: item.value for item in container.env})
         env["PORT"] = str(port)
+        env["HOST"] = self.host  # the address to listen on (what discovery publishes)
         if container.command is not None:
             command = ["/bin/sh", "-c", container.command]
         else:
