@@ -351,6 +351,23 @@ def test_bad_warm_up_files_are_clear_errors(
     assert runtime.list_instances() == []
 
 
+def test_forget_service_removes_its_logs_once_nothing_runs(runtime: LocalRuntime) -> None:
+    handle = runtime.start_instance(custom_spec(http_server()), "web-1", version=1)
+    wait_for(runtime, "web-1", is_ready, timeout=15)
+    logs = runtime.state_dir / "logs" / "web"
+    assert (logs / "web-1.log").exists()
+    runtime.forget_service("web")  # still running: kept
+    assert logs.exists()
+    runtime.stop_instance("web-1", grace=2)
+    assert handle.pid is not None
+    wait_gone(handle.pid)
+    wait_for(runtime, "web-1", lambda o: o is None, timeout=10)
+    runtime.forget_service("web")
+    assert not logs.exists()
+    with pytest.raises(ConfigError):
+        runtime.forget_service("../etc")
+
+
 def test_stop_kills_the_whole_process_group(runtime: LocalRuntime) -> None:
     handle = runtime.start_instance(custom_spec(http_server("sleep 300 & ")), "web-1", version=1)
     wait_for(runtime, "web-1", is_ready, timeout=15)

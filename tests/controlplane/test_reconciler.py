@@ -408,9 +408,11 @@ def test_delete_drains_then_purges(env: Env) -> None:
     assert env.store.delete_service("svc") == "deleting"
     env.step()
     assert env.store.get_service("svc").status == "Deleting" and len(env.running()) == 2
+    assert env.runtime.forgotten == []  # not while instances drain
     finish_drains(env)
     assert env.store.find_service("svc") is None
     assert env.running() == [] and env.store.list_instances() == []
+    assert env.runtime.forgotten == ["svc"]  # the runtime drops what it kept (logs)
 
 
 def test_dw_replaces_the_instance(env: Env) -> None:

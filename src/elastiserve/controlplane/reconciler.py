@@ -726,6 +726,11 @@ class Reconciler:
         with store.batch():
             for write in writes:
                 write()
+        if work.purge:
+            try:
+                self.runtime.forget_service(work.name)
+            except Exception:  # leftovers on disk must not stop the loop
+                log.exception("runtime could not forget service %s", work.name)
         return len(writes)
 
     def _update(self, instance_id: str, changes: dict[str, Any]) -> None:

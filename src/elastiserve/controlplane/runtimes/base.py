@@ -179,6 +179,11 @@ class Runtime(Protocol):
         """Totals and allocations of a resource group ('' is the default group)."""
         ...
 
+    def forget_service(self, service: str) -> None:
+        """The service was deleted and its last instance is gone: drop what the runtime kept for
+        it (log files), so nothing is left behind and a new service of that name starts clean."""
+        ...
+
     def close(self) -> None:
         """Release runtime resources; leaves instances running (the next control plane adopts them)."""
         ...

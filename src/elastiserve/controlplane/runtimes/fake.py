@@ -69,6 +69,7 @@ class FakeRuntime:
         self._instances: dict[str, _Instance] = {}
         self._failures: list[ElastiserveError] = []
         self.calls: list[tuple[str, str]] = []  # ("start" | "stop", instance_id)
+        self.forgotten: list[str] = []  # services whose leftovers the reconciler let go
         self.closed = False
 
     # -- Runtime protocol ----------------------------------------------------------------------
@@ -161,6 +162,9 @@ class FakeRuntime:
             lines = data.splitlines(keepends=True)[-tail:] if tail > 0 else []
             return LogChunk(b"".join(lines).decode(errors="replace"), len(data))
         return LogChunk(data[offset:].decode(errors="replace"), len(data))
+
+    def forget_service(self, service: str) -> None:
+        self.forgotten.append(service)
 
     def capacity(self, resource_group: str = "") -> Capacity:
         with self._lock:

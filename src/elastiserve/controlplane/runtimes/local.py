@@ -74,7 +74,7 @@ from elastiserve.controlplane.runtimes.base import (
     Phase,
     Resources,
 )
-from elastiserve.controlplane.spec import ServiceSpec
+from elastiserve.controlplane.spec import ServiceSpec, check_service_name
 from elastiserve.controlplane.store import Store
 from elastiserve.errors import AlreadyExists, ConfigError
 from elastiserve.storage import CACHE_DIR_ENV, RepositoryCache, is_remote, parse_uri
@@ -441,6 +441,13 @@ class LocalRuntime:
                 return LogChunk(fh.read(4 << 20).decode(errors="replace"), fh.tell())
         except FileNotFoundError:
             raise InstanceNotFound(f"no logs for instance '{instance_id}'") from None
+
+    def forget_service(self, service: str) -> None:
+        with self._lock:
+            if any(p.service == service and p.phase not in _EXITED for p in self._procs.values()):
+                return  # still running somewhere: keep its logs
+        check_service_name(service)  # a file name below logs/: never a path
+        shutil.rmtree(self.state_dir / "logs" / service, ignore_errors=True)
 
     def capacity(self, resource_group: str = "") -> Capacity:
         if resource_group:
