@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from elastiserve.testing import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHORS = Path(os.environ.get("ELASTISERVE_ANCHORS", ROOT.parent / "shared" / "anchors"))
@@ -37,12 +38,6 @@ CASES_ALL = [
     ("identity_fp32_dynbatch", "grpc", "INPUT0", "OUTPUT0"),
 ]
 CASES = [c for c in CASES_ALL if not os.environ.get("BENCH_MODELS") or c[0] in os.environ["BENCH_MODELS"].split(",")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(port: int, timeout: float = 60) -> None:
@@ -141,7 +136,7 @@ def load(
 
 
 def run_server(kind: str, repo: Path, args: argparse.Namespace) -> dict[str, dict]:
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     process = (start_elastiserve if kind == "elastiserve" else start_triton)(repo, http, grpc, metrics)
     results: dict[str, dict] = {}
     try:

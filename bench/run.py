@@ -24,6 +24,7 @@ Writes ``bench/results/<date>-<host>.json|md|png``. Never part of the CI tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -111,18 +112,27 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def pinned(cpus: str, command: list[str]) -> list[str]:
     return (
         ["taskset", "-c", cpus, *command]
         if shutil.which("taskset") and (os.cpu_count() or 1) > 1
         else command
     )
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (held open together while chosen, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def http_ok(url: str) -> bool:
@@ -317,7 +327,7 @@ class Server:
 
 @contextmanager
 def serving(name: str, repos: dict[str, Path], work: Path, models: list[str]) -> Iterator[Server]:
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     log_path = work / f"{name}.log"
     env = dict(os.environ)
     if name == "elastiserve":

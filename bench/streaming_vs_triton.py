@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_vs_triton import free_port, start_elastiserve, start_triton, wait_ready
+from engine_vs_triton import free_ports, start_elastiserve, start_triton, wait_ready
 
 MODEL = """
 import numpy as np
@@ -112,7 +112,7 @@ def measure(grpc_port: int, n: int, requests: int, warmup: int = 20) -> list[tup
 
 
 def run_server(kind: str, repo: Path, counts: list[int], requests: int) -> dict[int, list[tuple[float, float, float]]]:
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     process = (start_elastiserve if kind == "elastiserve" else start_triton)(repo, http, grpc, metrics)
     try:
         wait_ready(http)

@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,15 +19,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from elastiserve.controlplane.runtimes.fake import FakeRuntime as FakeRuntime
+from elastiserve.controlplane.runtimes.local import free_port as free_port
+from elastiserve.controlplane.runtimes.local import free_ports as free_ports
 
 if TYPE_CHECKING:
     from elastiserve.client.controlplane import ControlPlaneClient
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -78,7 +75,7 @@ def running_engine(
     env: dict[str, str] | None = None,
 ) -> Iterator[RunningEngine]:
     """Run ``elastiserve serve`` as a subprocess for the duration of the block, then stop it."""
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     command = [sys.executable, "-m", "elastiserve", "serve"]
     command += [f"--model-repository={repo}" for repo in repositories]
     command += [

@@ -127,10 +127,21 @@ def machine_capacity() -> Resources:
     return Resources(cpu=float(cpus), gpu=gpus, memory=int(memory))
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: all held open at once while chosen (ports picked one after
+    another can repeat, and a server given one port twice fails to start)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def local_path(location: str, base: Path, what: str, cache: RepositoryCache | None = None) -> Path:
@@ -574,7 +585,7 @@ class LocalRuntime:
             params.append(f"--model-repository={path}")
         if not any(p.startswith("--exit-timeout-secs") for p in params):
             params.append(f"--exit-timeout-secs={spec.metadata.eas.termination_grace_period}")
-        http, grpc, metrics = free_port(self.host), free_port(self.host), free_port(self.host)
+        http, grpc, metrics = free_ports(3, self.host)
         command = [self.python, "-m", "elastiserve", "serve", *params]
         command += [
             "--allow-http=true",
