@@ -219,8 +219,8 @@ def running_platform(
     """
     owned = state_dir is None
     root = Path(tempfile.mkdtemp(prefix="elastiserve-platform-")) if owned else Path(state_dir)  # type: ignore[arg-type]
-    port = free_port()
-    gateway_port = free_port() if gateway else None
+    port, other = free_ports(2)
+    gateway_port = other if gateway else None
     args = [
         "--state-dir",
         str(root),
