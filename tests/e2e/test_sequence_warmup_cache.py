@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from elastiserve.testing import RunningEngine, running_engine
 
+from ..engine.python_backend_support import ACCUMULATOR_MODEL as ACC_MODEL
 from ..engine.python_backend_support import write_model
 
 ACC_CONFIG = """
@@ -38,33 +39,6 @@ sequence_batching {
   ]
 }
 instance_group [ { count: 2 kind: KIND_CPU } ]
-"""
-
-# Sums INPUT per correlation ID (START resets) and says which instance (name, pid) ran it.
-ACC_MODEL = """
-import os
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.who = f"{args['model_instance_name']}:{os.getpid()}"
-        self.sums = {}
-
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            x = int(pb_utils.get_input_tensor_by_name(r, "INPUT").as_numpy().flat[0])
-            corrid = int(pb_utils.get_input_tensor_by_name(r, "CORRID").as_numpy().flat[0])
-            if pb_utils.get_input_tensor_by_name(r, "START").as_numpy().flat[0]:
-                self.sums[corrid] = 0
-            self.sums[corrid] = self.sums.get(corrid, 0) + x
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("OUTPUT", np.array([[self.sums[corrid]]], np.int32)),
-                pb_utils.Tensor("WHO", np.array([[self.who.encode()]], dtype=np.object_)),
-            ]))
-        return out
 """
 
 IO_CONFIG = """

@@ -107,3 +107,32 @@ def add_sub_request(model: str, a: float, b: float, req_id: str = "") -> InferRe
         INPUT0=np.full((1, 16), a, dtype=np.float32),
         INPUT1=np.full((1, 16), b, dtype=np.float32),
     )
+
+
+# A sequence model: sums INPUT per correlation ID (START resets) and says which instance
+# (name:pid) ran it. Used by the sequence-batching tests, in-process and end to end.
+ACCUMULATOR_MODEL = """
+import os
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.who = f"{args['model_instance_name']}:{os.getpid()}"
+        self.sums = {}
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = int(pb_utils.get_input_tensor_by_name(r, "INPUT").as_numpy().flat[0])
+            corrid = int(pb_utils.get_input_tensor_by_name(r, "CORRID").as_numpy().flat[0])
+            if pb_utils.get_input_tensor_by_name(r, "START").as_numpy().flat[0]:
+                self.sums[corrid] = 0
+            self.sums[corrid] = self.sums.get(corrid, 0) + x
+            out.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUTPUT", np.array([[self.sums[corrid]]], np.int32)),
+                pb_utils.Tensor("WHO", np.array([[self.who.encode()]], dtype=np.object_)),
+            ]))
+        return out
+"""

@@ -19,6 +19,7 @@ from elastiserve.engine.sequence import SequenceScheduler, validate_sequence_con
 from elastiserve.errors import ConfigError, ElastiserveError, InvalidArgument, Unavailable
 from elastiserve.types import InferRequest, InferResponse, InferTensor
 
+from .python_backend_support import ACCUMULATOR_MODEL as ACC_MODEL
 from .python_backend_support import write_model
 
 CONTROLS = """
@@ -311,32 +312,6 @@ class TritonPythonModel:
             new = (state + x).astype(np.int32)
             out.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor("OUTPUT", new), pb_utils.Tensor("STATE_OUT", new)
-            ]))
-        return out
-"""
-
-ACC_MODEL = """
-import os
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.name = args["model_instance_name"]
-        self.sums = {}
-
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            x = int(pb_utils.get_input_tensor_by_name(r, "INPUT").as_numpy().flat[0])
-            corrid = int(pb_utils.get_input_tensor_by_name(r, "CORRID").as_numpy().flat[0])
-            if pb_utils.get_input_tensor_by_name(r, "START").as_numpy().flat[0]:
-                self.sums[corrid] = 0
-            self.sums[corrid] = self.sums.get(corrid, 0) + x
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("OUTPUT", np.array([[self.sums[corrid]]], np.int32)),
-                pb_utils.Tensor("WHO", np.array([[self.name.encode()]], dtype=np.object_)),
             ]))
         return out
 """
