@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,6 +73,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningEngine]:
         yield server
 
 
+def _inputs(client_module: Any, a: np.ndarray, b: np.ndarray) -> list[Any]:
+    """INPUT__0/INPUT__1 for tritonclient's http or grpc module."""
+    inputs = [client_module.InferInput(f"INPUT__{i}", list(x.shape), "FP32") for i, x in enumerate((a, b))]
+    for tensor, array in zip(inputs, (a, b), strict=True):
+        tensor.set_data_from_numpy(array)
+    return inputs
+
+
 def _reference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (a * b).sum(axis=1, keepdims=True), a - b
 
@@ -83,24 +92,13 @@ def test_torchscript_over_http_and_grpc(engine: RunningEngine) -> None:
     want_dot, want_diff = _reference(a, b)
 
     http = httpclient.InferenceServerClient(engine.http_url)
-    inputs = [
-        httpclient.InferInput("INPUT__0", [3, 4], "FP32"),
-        httpclient.InferInput("INPUT__1", [3, 4], "FP32"),
-    ]
-    inputs[0].set_data_from_numpy(a)
-    inputs[1].set_data_from_numpy(b)
-    result = http.infer("dot_diff", inputs)
+    result = http.infer("dot_diff", _inputs(httpclient, a, b))
     np.testing.assert_allclose(result.as_numpy("OUTPUT__0"), want_dot, rtol=1e-5)
     np.testing.assert_allclose(result.as_numpy("OUTPUT__1"), want_diff, rtol=1e-6)
 
     grpc = grpcclient.InferenceServerClient(engine.grpc_url)
-    ginputs = [
-        grpcclient.InferInput("INPUT__0", [3, 4], "FP32"),
-        grpcclient.InferInput("INPUT__1", [3, 4], "FP32"),
-    ]
-    ginputs[0].set_data_from_numpy(a)
-    ginputs[1].set_data_from_numpy(b)
-    gresult = grpc.infer("dot_diff", ginputs, outputs=[grpcclient.InferRequestedOutput("OUTPUT__1")])
+    requested = [grpcclient.InferRequestedOutput("OUTPUT__1")]
+    gresult = grpc.infer("dot_diff", _inputs(grpcclient, a, b), outputs=requested)
     np.testing.assert_allclose(gresult.as_numpy("OUTPUT__1"), want_diff, rtol=1e-6)
     assert gresult.as_numpy("OUTPUT__0") is None
 
@@ -115,13 +113,7 @@ def test_concurrent_requests_are_batched_and_correct(engine: RunningEngine) -> N
         a = rng.standard_normal((1, 4)).astype(np.float32)
         b = rng.standard_normal((1, 4)).astype(np.float32)
         client = httpclient.InferenceServerClient(engine.http_url)
-        inputs = [
-            httpclient.InferInput("INPUT__0", [1, 4], "FP32"),
-            httpclient.InferInput("INPUT__1", [1, 4], "FP32"),
-        ]
-        inputs[0].set_data_from_numpy(a)
-        inputs[1].set_data_from_numpy(b)
-        result = client.infer("dot_diff", inputs)
+        result = client.infer("dot_diff", _inputs(httpclient, a, b))
         np.testing.assert_allclose(result.as_numpy("OUTPUT__0"), _reference(a, b)[0], rtol=1e-5)
 
     with ThreadPoolExecutor(8) as pool:
